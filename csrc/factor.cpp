@@ -1,0 +1,302 @@
+// Factor routes (DESIGN §3): from an accumulator's state to a column order `perm`
+// and an engine-ready upper-triangular factor U (k x d, in perm order).
+//   cholesky: H_λ = H + λI, U = chol_upper(chol_inverse(chol(H_λ)))   (GPTQ as published)
+//   svdqr:    A = U_A Σ Vᵀ, keep k, perm from pivoted QR of Σ_k V_kᵀ,
+//             QR of Σ_k⁻¹ V_kᵀ[:, perm] = Q R', U = R' with diag R' > 0   (H⁺ = UᵀU)
+//   ql:       M lower with H_p = MᵀM from a QR of the column-reversed factor (no inverse);
+//             handed to the engine as Ā = 2D⁻¹ − D⁻¹MᵀD⁻¹ (D = diag M), which with
+//             errors taken from the original weights is q_j = Q(w_j + Σ_{i<j} M_ji/M_jj (w_i − q_i)).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+
+#include "checks.h"
+
+namespace lrgptq {
+namespace {
+
+using FactorOut = std::tuple<at::Tensor, at::Tensor, int64_t, at::Tensor, at::Tensor>;
+
+enum class Source { gram, qr, sketch };
+
+Source parse_source(c10::string_view s) {
+  if (s == "gram") return Source::gram;
+  if (s == "qr") return Source::qr;
+  if (s == "sketch") return Source::sketch;
+  TORCH_CHECK(false, "lrgptq.factor: source must be 'gram', 'qr' or 'sketch', got '", s, "'");
+}
+
+// H = XᵀX from any accumulator: H itself, or AᵀA for A = R or Y.
+at::Tensor gram_of(const at::Tensor& A, Source src) {
+  return src == Source::gram ? A.clone() : at::matmul(A.t(), A);
+}
+
+// diag(H) without forming H.
+at::Tensor gram_diag(const at::Tensor& A, Source src) {
+  return src == Source::gram ? A.diagonal().clone() : A.square().sum(0);
+}
+
+// A factor F with H = FᵀF (F square upper for gram; R or Y as they are).
+at::Tensor root_of(const at::Tensor& A, Source src) {
+  if (src != Source::gram) return A;
+  auto [L, info] = at::linalg_cholesky_ex(A, /*upper=*/true);
+  TORCH_CHECK(info.item<int64_t>() == 0,
+              "lrgptq.factor: this route needs a factor of H, and H from the 'gram' accumulator is not "
+              "positive definite; use the 'qr' accumulator (exact, no Cholesky of H) or route='cholesky'");
+  return L;
+}
+
+at::Tensor reverse_cols(const at::Tensor& A) { return A.flip({1}); }
+
+// The greedy pivot order of pivoted QR of B (columns of largest residual norm first), computed as
+// the pivoted Cholesky of G = BᵀB (LAPACK dpstrf's algorithm: panels of nb pivots chosen with
+// rank-1 updates of the residual diagonal, trailing matrix updated by one GEMM per panel).
+// Same pivots as geqp3 in exact arithmetic; resolves residuals down to tol·max diag(G).
+// Returns (perm, number of pivots taken before the residual fell below tol).
+std::tuple<at::Tensor, int64_t> pivoted_order(at::Tensor G, int64_t kmax, double tol) {
+  G = G.to(at::kDouble).contiguous();
+  const int64_t n = G.size(0), nb = 64;
+  kmax = std::min(kmax, n);
+  at::Tensor L = at::zeros({n, std::max<int64_t>(kmax, 1)}, G.options());
+  at::Tensor r = G.diagonal().clone();
+  at::Tensor perm = at::arange(n, G.options().dtype(at::kLong));
+  double* g = G.data_ptr<double>();
+  double* l = L.data_ptr<double>();
+  double* rd = r.data_ptr<double>();
+  int64_t* p = perm.data_ptr<int64_t>();
+  const int64_t lk = L.size(1);
+  const double stop = tol * std::max(r.max().item<double>(), 0.0);
+  int64_t taken = 0;
+  for (int64_t j0 = 0; j0 < kmax && taken == j0; j0 += nb) {
+    const int64_t jend = std::min(j0 + nb, kmax);
+    for (int64_t j = j0; j < jend; ++j) {
+      int64_t q = j;
+      for (int64_t i = j + 1; i < n; ++i)
+        if (rd[i] > rd[q]) q = i;
+      if (!(rd[q] > stop)) break;
+      if (q != j) {  // symmetric swap of j and q in G, L, r, perm
+        for (int64_t c = 0; c < n; ++c) std::swap(g[j * n + c], g[q * n + c]);
+        for (int64_t c = 0; c < n; ++c) std::swap(g[c * n + j], g[c * n + q]);
+        for (int64_t c = 0; c < lk; ++c) std::swap(l[j * lk + c], l[q * lk + c]);
+        std::swap(rd[j], rd[q]);
+        std::swap(p[j], p[q]);
+      }
+      const double ljj = std::sqrt(rd[j]);
+      l[j * lk + j] = ljj;
+      // L[i, j] = (G[i, j] − Σ_{l in panel, l<j} L[i, l] L[j, l]) / L[j, j]   (G already updated for earlier panels)
+      at::parallel_for(j + 1, n, 256, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          double s = g[i * n + j];
+          for (int64_t c = j0; c < j; ++c) s -= l[i * lk + c] * l[j * lk + c];
+          const double lij = s / ljj;
+          l[i * lk + j] = lij;
+          rd[i] -= lij * lij;
+        }
+      });
+      ++taken;
+    }
+    if (taken == jend && jend < n) {  // trailing update G22 −= L21 L21ᵀ
+      at::Tensor L21 = L.narrow(0, jend, n - jend).narrow(1, j0, jend - j0);
+      G.narrow(0, jend, n - jend).narrow(1, jend, n - jend).addmm_(L21, L21.t(), 1.0, -1.0);
+    }
+  }
+  return {perm, taken};
+}
+
+at::Tensor order_perm(c10::string_view order, const at::Tensor& diagH, const at::Tensor& G_for_pivot,
+                      int64_t kmax, int64_t& pivots) {
+  const int64_t d = diagH.size(0);
+  pivots = d;
+  if (order == "identity") return at::arange(d, diagH.options().dtype(at::kLong));
+  if (order == "babai") return at::arange(d - 1, -1, -1, diagH.options().dtype(at::kLong));
+  if (order == "act")
+    return std::get<1>(at::sort(diagH, /*stable=*/true, /*dim=*/0, /*descending=*/true));
+  if (order == "pivot") {
+    auto [perm, taken] = pivoted_order(G_for_pivot, kmax, d * std::numeric_limits<double>::epsilon());
+    pivots = taken;
+    return perm;
+  }
+  TORCH_CHECK(false, "lrgptq.factor: order must be 'identity', 'act', 'pivot' or 'babai', got '", order, "'");
+}
+
+at::Tensor sign_fix_rows(const at::Tensor& R) {
+  at::Tensor s = at::where(R.diagonal() < 0, -1.0, 1.0).to(R.scalar_type());
+  return R * s.unsqueeze(1);
+}
+
+double damp_reference(const at::Tensor& diagH, c10::string_view damp_ref) {
+  if (damp_ref == "mean") return diagH.mean().item<double>();
+  if (damp_ref == "median") return diagH.median().item<double>();
+  TORCH_CHECK(false, "lrgptq.factor: damp_ref must be 'mean' or 'median', got '", damp_ref, "'");
+}
+
+// GPTQ as published, with tenfold damping retries that are reported in info.
+FactorOut factor_cholesky(const at::Tensor& A, Source src, c10::string_view order, double damp,
+                          c10::string_view damp_ref, int64_t max_retries, at::ScalarType dtype) {
+  at::Tensor H = gram_of(A, src).to(dtype);
+  const int64_t d = H.size(0);
+  at::Tensor dead = H.diagonal() == 0;
+  H.diagonal().masked_fill_(dead, 1.0);  // dead features: H_jj = 1 (their W columns are zeroed by the caller)
+  int64_t pivots = d;
+  at::Tensor perm = order_perm(order, H.diagonal(), H, d, pivots);
+  H = H.index_select(0, perm).index_select(1, perm);
+  const double ref = damp_reference(H.diagonal(), damp_ref);
+  double lambda = damp * ref;
+  at::Tensor U;
+  int64_t retries = 0;
+  for (;; ++retries) {
+    at::Tensor Hl = H.clone();
+    Hl.diagonal().add_(lambda);
+    auto [L, info] = at::linalg_cholesky_ex(Hl);
+    if (info.item<int64_t>() == 0) {
+      auto [Uc, info2] = at::linalg_cholesky_ex(at::cholesky_inverse(L), /*upper=*/true);
+      if (info2.item<int64_t>() == 0 && at::isfinite(Uc).all().item<bool>()) {
+        U = Uc;
+        break;
+      }
+    }
+    TORCH_CHECK(retries < max_retries, "lrgptq.factor: Cholesky of H + λI failed ", retries + 1,
+                " times (last λ = ", lambda, ", ", lambda / ref,
+                " × the ", damp_ref, " diagonal); raise damp or max_retries, or use route='svdqr', which never factors H");
+    lambda = lambda > 0 ? 10 * lambda : 1e-8 * ref;
+  }
+  at::Tensor info = at::zeros({8}, A.options().dtype(at::kDouble));
+  info[0] = lambda;
+  info[1] = static_cast<double>(retries);
+  info[2] = dead.sum().item<double>();
+  return {perm, U, d, dead, info};
+}
+
+// Number of singular values kept (σ sorted descending).
+int64_t truncate(const at::Tensor& sigma, c10::string_view rule, double tau, double unit, int64_t n) {
+  const int64_t r = sigma.size(0);
+  if (r == 0 || sigma[0].item<double>() <= 0) return 0;
+  auto s = sigma.to(at::kDouble);
+  const double smax = s[0].item<double>();
+  // Numerical rank: σ_i > n·u·σ_1 (what no rule can keep).
+  const int64_t numerical = (s > n * unit * smax).sum().item<int64_t>();
+  if (rule == "none") return numerical;
+  if (rule == "rel") {
+    // σ_ref: mean of the leading 10% of the nonzero σ, with the top tenth of those trimmed.
+    const int64_t nz = (s > 0).sum().item<int64_t>();
+    const int64_t lead = std::max<int64_t>(1, (nz + 9) / 10), trim = lead / 10;
+    const double sref = s.narrow(0, trim, lead - trim).mean().item<double>();
+    return std::min(numerical, (s > tau * sref).sum().item<int64_t>());
+  }
+  if (rule == "energy") {
+    at::Tensor e = s.square().cumsum(0);
+    const double total = e[r - 1].item<double>();
+    const int64_t k = (e < (1.0 - tau) * total).sum().item<int64_t>() + 1;
+    return std::min(numerical, std::min(k, r));
+  }
+  TORCH_CHECK(false, "lrgptq.factor: truncation must be 'rel', 'energy' or 'none', got '", rule, "'");
+}
+
+// This project's route: never forms or damps H when the state is R or Y.
+FactorOut factor_svdqr(const at::Tensor& A, Source src, c10::string_view order,
+                       c10::string_view truncation, double tau, at::ScalarType dtype) {
+  const int64_t d = A.size(1);
+  at::Tensor sigma, Vh;
+  if (src == Source::gram) {  // H = VΛVᵀ, σ = sqrt(λ)
+    auto [evals, V] = at::linalg_eigh(A.to(dtype));
+    sigma = evals.flip({0}).clamp_min(0).sqrt();
+    Vh = V.flip({1}).t();
+  } else {
+    auto [Us, S, V] = at::linalg_svd(A.to(dtype), /*full_matrices=*/false);
+    sigma = S;
+    Vh = V;
+  }
+  const double unit = dtype == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                           : std::numeric_limits<float>::epsilon();
+  int64_t k = truncate(sigma, truncation, tau, unit, std::max(A.size(0), d));
+  at::Tensor diagH = gram_diag(A, src).to(dtype);
+  at::Tensor dead = diagH == 0;
+  at::Tensor B = sigma.narrow(0, 0, k).unsqueeze(1) * Vh.narrow(0, 0, k);  // Σ_k V_kᵀ
+  at::Tensor perm;
+  int64_t pivots = d;
+  if (order == "pivot" || k < d) {
+    // The first k pivots of B are the columns that carry the kept subspace. For other orders the
+    // kept columns go first in that order and the columns past rank after them (DESIGN §3.4).
+    auto [piv, taken] = pivoted_order(at::matmul(B.t(), B), k, d * std::numeric_limits<double>::epsilon());
+    pivots = taken;
+    k = std::min(k, taken);
+    if (order == "pivot") {
+      perm = piv;
+    } else {
+      int64_t unused = 0;
+      at::Tensor pref = order_perm(order, diagH, at::Tensor(), d, unused);
+      at::Tensor rank_of = at::empty_like(pref);
+      rank_of.index_put_({pref}, at::arange(d, pref.options()));
+      at::Tensor kept = piv.narrow(0, 0, k), rest = piv.narrow(0, k, d - k);
+      kept = kept.index_select(0, std::get<1>(at::sort(rank_of.index_select(0, kept))));
+      rest = rest.index_select(0, std::get<1>(at::sort(rank_of.index_select(0, rest))));
+      perm = at::cat({kept, rest});
+    }
+  } else {
+    perm = order_perm(order, diagH, at::Tensor(), d, pivots);
+  }
+  at::Tensor C = (Vh.narrow(0, 0, k) / sigma.narrow(0, 0, k).unsqueeze(1)).index_select(1, perm);
+  at::Tensor U = k > 0 ? sign_fix_rows(std::get<1>(at::linalg_qr(C, "r"))) : C;
+  at::Tensor info = at::zeros({8}, A.options().dtype(at::kDouble));
+  info[2] = dead.sum().item<double>();
+  info[3] = k > 0 ? sigma[0].item<double>() : 0.0;
+  info[4] = k > 0 ? sigma[k - 1].item<double>() : 0.0;
+  info[6] = static_cast<double>(pivots);
+  return {perm, U, k, dead, info};
+}
+
+// Exact route without an inverse: M lower with H_p = MᵀM.
+FactorOut factor_ql(const at::Tensor& A, Source src, c10::string_view order, at::ScalarType dtype) {
+  const int64_t d = A.size(1);
+  at::Tensor F = root_of(A.to(dtype), src);  // H = FᵀF
+  at::Tensor diagH = gram_diag(A, src).to(dtype);
+  at::Tensor dead = diagH == 0;
+  int64_t pivots = d;
+  at::Tensor perm = order_perm(order, diagH, order == "pivot" ? at::matmul(F.t(), F) : at::Tensor(), d, pivots);
+  // QR of F[:, perm] reversed: F_p J = Q R̃, so H_p = J R̃ᵀR̃ J = MᵀM with M = J R̃ J lower.
+  at::Tensor Rt = sign_fix_rows(std::get<1>(at::linalg_qr(reverse_cols(F.index_select(1, perm)), "r")));
+  TORCH_CHECK(Rt.size(0) >= d, "lrgptq.factor: route='ql' needs at least d = ", d,
+              " rows in the factor (got ", Rt.size(0), "): too few calibration tokens; use route='svdqr'");
+  at::Tensor M = Rt.flip({0, 1});
+  at::Tensor D = M.diagonal();
+  const double dmax = D.abs().max().item<double>();
+  const double unit = dtype == at::kDouble ? std::numeric_limits<double>::epsilon()
+                                           : std::numeric_limits<float>::epsilon();
+  TORCH_CHECK((D > d * unit * dmax).all().item<bool>(),
+              "lrgptq.factor: route='ql' needs X of full column rank (no dead features, no collinear columns, "
+              "N >= d); this layer's inputs are rank-deficient: use route='svdqr', which truncates");
+  at::Tensor Dinv = D.reciprocal();
+  at::Tensor U = Dinv.diag() * 2 - Dinv.unsqueeze(1) * M.t() * Dinv.unsqueeze(0);  // Ā = 2D⁻¹ − D⁻¹MᵀD⁻¹
+  at::Tensor info = at::zeros({8}, A.options().dtype(at::kDouble));
+  info[2] = dead.sum().item<double>();
+  info[5] = 1.0;  // errors are taken from the original weights
+  return {perm, U.triu(), d, dead, info};
+}
+
+FactorOut factor(const at::Tensor& A, c10::string_view source, c10::string_view route,
+                 c10::string_view order, double damp, c10::string_view damp_ref, int64_t max_retries,
+                 c10::string_view truncation, double tau, at::ScalarType dtype) {
+  const Source src = parse_source(source);
+  TORCH_CHECK(A.dim() == 2 && A.size(1) > 0, "lrgptq.factor: A must be a 2-D accumulator state, got ", A.sizes());
+  TORCH_CHECK(src != Source::gram && src != Source::qr || A.size(0) == A.size(1),
+              "lrgptq.factor: a '", source, "' state must be square, got ", A.sizes());
+  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat, "lrgptq.factor: dtype must be float64 or float32, got ", dtype);
+  check_float(A, "factor", "A");
+  check_finite(A, "factor", "the accumulator state A");
+  TORCH_CHECK(damp >= 0 && std::isfinite(damp), "lrgptq.factor: damp must be finite and >= 0, got ", damp);
+  TORCH_CHECK(tau >= 0 && std::isfinite(tau), "lrgptq.factor: tau must be finite and >= 0, got ", tau);
+  if (route == "cholesky") return factor_cholesky(A, src, order, damp, damp_ref, max_retries, dtype);
+  if (route == "svdqr") return factor_svdqr(A, src, order, truncation, tau, dtype);
+  if (route == "ql") return factor_ql(A, src, order, dtype);
+  TORCH_CHECK(false, "lrgptq.factor: route must be 'cholesky', 'svdqr' or 'ql', got '", route, "'");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lrgptq, CPU, m) { m.impl("factor", &factor); }
+
+}  // namespace lrgptq

@@ -1,0 +1,22 @@
+// The one list of lrgptq's operator schemas. Kernels register themselves per
+// dispatch key in the file that implements them (TORCH_LIBRARY_IMPL).
+#include <torch/library.h>
+
+TORCH_LIBRARY(lrgptq, m) {
+  // Accumulators (DESIGN §2): update a state in place from a batch X (..., d).
+  m.def("gram_update(Tensor(a!) H, Tensor X) -> ()");
+  m.def("qr_update(Tensor(a!) R, Tensor X) -> ()");
+  m.def("sketch_update(Tensor(a!) Y, Tensor X, int seed, int offset, str kind, int zeta) -> ()");
+
+  // Factor routes (DESIGN §3): accumulator state -> column order and engine-ready factor.
+  m.def(
+      "factor(Tensor A, str source, str route, str order, float damp, str damp_ref, "
+      "int max_retries, str truncation, float tau, ScalarType dtype) "
+      "-> (Tensor perm, Tensor U, int rank, Tensor dead, Tensor info)");
+
+  // The GPTQ engine (DESIGN §4).
+  m.def(
+      "gptq_quantize(Tensor W, Tensor perm, Tensor U, bool from_original, int bits, "
+      "int group_size, bool sym, bool mse, bool static_groups, int block_size) "
+      "-> (Tensor codes, Tensor scales, Tensor zeros, Tensor g_idx, Tensor Q, Tensor row_loss)");
+}

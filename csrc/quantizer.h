@@ -1,0 +1,71 @@
+// The uniform grid of GPTQ's quantizer (DESIGN §4): per row and group,
+//   scale = (xmax − xmin)/maxq, zero = round(−xmin/scale) (sym: 2^(bits−1)),
+//   q = clamp(round(x/scale) + zero, 0, maxq), dequant = scale·(q − zero).
+// Rounding is half-to-even (std::nearbyint in the default mode), as torch.round.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace lrgptq {
+
+template <typename T>
+struct Grid {
+  T scale;
+  T zero;
+};
+
+template <typename T>
+inline T quant_code(T x, const Grid<T>& g, T maxq) {
+  return std::min(std::max(std::nearbyint(x / g.scale) + g.zero, T(0)), maxq);
+}
+
+template <typename T>
+inline T dequant(T q, const Grid<T>& g) {
+  return g.scale * (q - g.zero);
+}
+
+// Min-max range that contains 0; symmetric ranges mirror the larger side.
+template <typename T>
+inline Grid<T> grid_from_range(T xmin, T xmax, T maxq, bool sym) {
+  Grid<T> g;
+  g.scale = (xmax - xmin) / maxq;
+  g.zero = sym ? std::nearbyint((maxq + 1) / 2) : std::nearbyint(-xmin / g.scale);
+  return g;
+}
+
+// Grid for the n values x[0..n) (one row of one group). With mse, the range is shrunk by
+// p = 1 − i/100, i < 80, keeping the p with the least Σ|Q(x) − x|^2.4 (GPTQ's search).
+template <typename T>
+inline Grid<T> find_grid(const T* x, int64_t n, T maxq, bool sym, bool mse) {
+  T xmin = 0, xmax = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    xmin = std::min(xmin, x[i]);
+    xmax = std::max(xmax, x[i]);
+  }
+  if (sym) {
+    xmax = std::max(-xmin, xmax);
+    if (xmin < 0) xmin = -xmax;
+  }
+  if (xmin == 0 && xmax == 0) {
+    xmin = -1;
+    xmax = 1;
+  }
+  Grid<T> best = grid_from_range(xmin, xmax, maxq, sym);
+  if (!mse) return best;
+  T best_err = std::numeric_limits<T>::infinity();
+  for (int i = 0; i < 80; ++i) {
+    const T p = T(1) - T(i) / T(100);
+    const Grid<T> g = grid_from_range(p * xmin, p * xmax, maxq, sym);
+    T err = 0;
+    for (int64_t t = 0; t < n; ++t) err += std::pow(std::abs(dequant(quant_code(x[t], g, maxq), g) - x[t]), T(2.4));
+    if (err < best_err) {
+      best_err = err;
+      best = g;
+    }
+  }
+  return best;
+}
+
+}  // namespace lrgptq

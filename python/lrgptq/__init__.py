@@ -1,0 +1,14 @@
+"""lrgptq: post-training weight quantization for LLMs.
+
+Importing the package loads the C++ core, which registers ``torch.ops.lrgptq.*``.
+"""
+
+import torch  # noqa: F401  (libtorch must be loaded before the extension)
+
+from . import _C  # noqa: F401  (registers torch.ops.lrgptq)
+from .accumulate import Accumulator
+from .config import QuantConfig
+from .linear import QuantResult, quantize_linear
+
+__all__ = ["Accumulator", "QuantConfig", "QuantResult", "quantize_linear"]
+__version__ = "0.1.0"

@@ -1,0 +1,112 @@
+"""QuantConfig: every setting of a quantization, validated when it is made."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch
+
+ROUTES = ("cholesky", "svdqr", "ql", "rtn")
+ORDERS = ("identity", "act", "pivot", "babai")
+ACCUMULATORS = ("gram", "qr", "sketch")
+TRUNCATIONS = ("rel", "energy", "none")
+DAMP_REFS = ("mean", "median")
+SKETCH_KINDS = ("sparse", "gaussian")
+COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+def _bad(field: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"QuantConfig.{field}={value!r} is not allowed: {field} must be {allowed}")
+
+
+@dataclass
+class QuantConfig:
+    """Settings of one quantization.
+
+    route: ``cholesky`` (GPTQ as published), ``svdqr`` (factor the inputs: SVD, truncation,
+    pivoted order, QR; never damps H), ``ql`` (exact, no inverse) or ``rtn`` (round to nearest).
+    order: ``identity``, ``act`` (diag H descending), ``pivot`` (pivoted-QR order) or ``babai``
+    (back to front; with route ``ql`` this is Babai's nearest plane on R).
+    accumulator: what is kept of the inputs: ``gram`` (H), ``qr`` (R, exact) or ``sketch`` (Y).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    mse: bool = False
+    static_groups: bool = False
+    route: str = "svdqr"
+    order: str = "pivot"
+    accumulator: str = "qr"
+    sketch_size: Optional[int] = None
+    sketch_kind: str = "sparse"
+    zeta: int = 8
+    seed: int = 0
+    damp: float = 0.01
+    damp_ref: str = "mean"
+    max_retries: int = 8
+    truncation: str = "rel"
+    tau: float = 1e-4
+    block_size: int = 128
+    compute_dtype: torch.dtype = torch.float32
+    factor_dtype: torch.dtype = torch.float64
+
+    def __post_init__(self) -> None:
+        def check_int(field: str, lo: int, hi: Optional[int] = None) -> None:
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+                raise _bad(field, v, f"an integer in {lo}..{hi if hi is not None else 'inf'}")
+
+        def check_choice(field: str, choices: tuple) -> None:
+            v = getattr(self, field)
+            if v not in choices:
+                raise _bad(field, v, "one of " + ", ".join(repr(c) for c in choices))
+
+        check_int("bits", 2, 8)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (
+            self.group_size != -1 and self.group_size < 1
+        ):
+            raise _bad("group_size", self.group_size, "-1 (one group per row) or a positive integer")
+        for field, choices in (
+            ("route", ROUTES),
+            ("order", ORDERS),
+            ("accumulator", ACCUMULATORS),
+            ("truncation", TRUNCATIONS),
+            ("damp_ref", DAMP_REFS),
+            ("sketch_kind", SKETCH_KINDS),
+            ("compute_dtype", COMPUTE_DTYPES),
+            ("factor_dtype", COMPUTE_DTYPES),
+        ):
+            check_choice(field, choices)
+        for field in ("sym", "mse", "static_groups"):
+            if not isinstance(getattr(self, field), bool):
+                raise _bad(field, getattr(self, field), "True or False")
+        check_int("zeta", 1)
+        check_int("seed", 0)
+        check_int("max_retries", 0)
+        check_int("block_size", 1)
+        if self.sketch_size is not None:
+            check_int("sketch_size", 1)
+        for field in ("damp", "tau"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < float("inf")):
+                raise _bad(field, v, "a finite number >= 0")
+        if self.accumulator == "sketch" and self.sketch_size is None:
+            raise _bad("sketch_size", None, "set (the sketch's row count m) when accumulator='sketch'")
+        if self.route == "ql" and self.accumulator == "sketch":
+            raise _bad("route", "ql", "'svdqr' or 'cholesky' with a sketch (a sketch has m < d rows)")
+
+    def check_columns(self, d: int, name: str = "layer") -> None:
+        """Checks the settings that depend on the layer's in_features d."""
+        if self.group_size != -1 and d % self.group_size:
+            raise ValueError(
+                f"{name}: group_size={self.group_size} does not divide in_features={d}; "
+                f"use a divisor of {d} or group_size=-1"
+            )
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["compute_dtype"] = str(self.compute_dtype).replace("torch.", "")
+        out["factor_dtype"] = str(self.factor_dtype).replace("torch.", "")
+        return out

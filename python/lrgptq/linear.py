@@ -1,0 +1,107 @@
+"""quantize_linear: one layer's weight and inputs in, codes, grid and dequantized weight out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Union
+
+import torch
+
+from .accumulate import Accumulator
+from .config import QuantConfig
+
+Inputs = Union[torch.Tensor, Iterable[torch.Tensor], Accumulator]
+
+
+@dataclass
+class QuantResult:
+    """The engine's output for one layer (column order of the original weight)."""
+
+    codes: torch.Tensor  # uint8 (d_out, d)
+    scales: torch.Tensor  # (groups, d_out)
+    zeros: torch.Tensor  # (groups, d_out), integer valued
+    g_idx: torch.Tensor  # int32 (d,)
+    weight: torch.Tensor  # dequantized, the input weight's dtype
+    loss: float  # Σ_j (t_j − q_j)²/U_jj² over rows: ‖(W − Q)Xᵀ‖²_F when undamped and full rank
+    row_loss: torch.Tensor
+    perm: torch.Tensor  # the order the columns were quantized in
+    rank: int
+    report: dict = field(default_factory=dict)
+
+
+def make_accumulator(config: QuantConfig, d: int) -> Accumulator:
+    """The accumulator that ``config`` asks for, for a layer with ``d`` inputs."""
+    return Accumulator(
+        config.accumulator,
+        d,
+        sketch_size=config.sketch_size,
+        sketch_kind=config.sketch_kind,
+        zeta=config.zeta,
+        seed=config.seed,
+    )
+
+
+def _accumulate(inputs: Inputs, config: QuantConfig, d: int, name: str) -> Accumulator:
+    if isinstance(inputs, Accumulator):
+        if inputs.d != d:
+            raise ValueError(f"{name}: the accumulator has d={inputs.d} but the weight has in_features={d}")
+        return inputs
+    acc = make_accumulator(config, d)
+    batches = [inputs] if isinstance(inputs, torch.Tensor) else inputs
+    for X in batches:
+        if not isinstance(X, torch.Tensor) or X.shape[-1:] != (d,):
+            shape = tuple(X.shape) if isinstance(X, torch.Tensor) else type(X).__name__
+            raise ValueError(f"{name}: inputs X must be tensors of shape (..., {d}), got {shape}")
+        acc.add(X)
+    return acc
+
+
+def quantize_linear(
+    weight: torch.Tensor,
+    inputs: Inputs,
+    config: Optional[QuantConfig] = None,
+    name: str = "layer",
+) -> QuantResult:
+    """Quantizes one linear layer's ``weight`` (d_out, d) given its inputs.
+
+    ``inputs`` is a tensor (..., d), an iterable of such batches, or an :class:`Accumulator` that
+    already holds them. Errors name the layer (``name``), the tensor and the fix.
+    """
+    cfg = config if config is not None else QuantConfig()
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        desc = f"{weight.dtype} {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"{name}: weight must be a 2-D float tensor (out_features, in_features), got {desc}")
+    d = weight.shape[1]
+    cfg.check_columns(d, name)
+    try:
+        acc = _accumulate(inputs, cfg, d, name)
+        route = cfg.route if acc.tokens > 0 else "rtn"
+        report = {"route": route, "order": cfg.order, "accumulator": acc.kind, "tokens": acc.tokens, "d": d}
+        if route == "rtn":
+            perm = torch.arange(d)
+            U = torch.empty(0, d, dtype=cfg.compute_dtype)
+            rank, from_original, dead = 0, False, None
+            if acc.tokens == 0 and cfg.route != "rtn":
+                report["note"] = "no calibration tokens reached this layer: rounded to nearest"
+        else:
+            perm, U, rank, dead, info = torch.ops.lrgptq.factor(
+                acc.state, acc.kind, route, cfg.order, cfg.damp, cfg.damp_ref, cfg.max_retries,
+                cfg.truncation, cfg.tau, cfg.factor_dtype,
+            )
+            from_original = bool(info[5] > 0)
+            report.update(
+                damp_lambda=float(info[0]), damp_retries=int(info[1]), dead=int(info[2]),
+                sigma_max=float(info[3]), sigma_min_kept=float(info[4]),
+            )
+        W = weight.detach().cpu().to(cfg.compute_dtype)
+        if route == "cholesky" and dead is not None and bool(dead.any()):
+            W[:, dead] = 0  # as GPTQ: a feature that never fires gets a zero weight
+        codes, scales, zeros, g_idx, Q, row_loss = torch.ops.lrgptq.gptq_quantize(
+            W, perm, U.to(cfg.compute_dtype), from_original, cfg.bits, cfg.group_size, cfg.sym,
+            cfg.mse, cfg.static_groups, cfg.block_size,
+        )
+    except RuntimeError as err:
+        raise RuntimeError(f"{name}: {err}") from err
+    loss = float(row_loss.sum())
+    report.update(rank=int(rank), loss=loss)
+    return QuantResult(codes, scales, zeros, g_idx, Q.to(weight.dtype), loss, row_loss, perm, int(rank), report)
