@@ -8,7 +8,17 @@ import torch  # noqa: F401  (libtorch must be loaded before the extension)
 from . import _C  # noqa: F401  (registers torch.ops.lrgptq)
 from .accumulate import Accumulator
 from .config import QuantConfig
+from .eval import perplexity
 from .linear import QuantResult, quantize_linear
+from .pipeline import ModelReport, quantize_model
 
-__all__ = ["Accumulator", "QuantConfig", "QuantResult", "quantize_linear"]
+__all__ = [
+    "Accumulator",
+    "ModelReport",
+    "QuantConfig",
+    "QuantResult",
+    "perplexity",
+    "quantize_linear",
+    "quantize_model",
+]
 __version__ = "0.1.0"

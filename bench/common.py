@@ -1,0 +1,73 @@
+"""Shared helpers of the CPU benchmarks: timing, machine description, load, markdown tables."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, List, Sequence
+
+import torch
+
+
+def setup(threads: int = 2) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+
+def time_it(fn: Callable[[], object], runs: int = 3, warmup: int = 1) -> List[float]:
+    """Wall-clock seconds of `runs` calls of fn (after `warmup` untimed calls)."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def load() -> str:
+    a, b, c = os.getloadavg()
+    return f"{a:.2f} {b:.2f} {c:.2f}"
+
+
+def machine() -> str:
+    try:
+        model = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in model.splitlines() if ln.startswith("Model name")), "?")
+    except OSError:
+        model = platform.processor() or "?"
+    return (f"{os.cpu_count()} CPUs ({model}), torch {torch.__version__}, "
+            f"torch.get_num_threads()={torch.get_num_threads()}")
+
+
+def header(title: str) -> None:
+    print(f"# {title}")
+    print(f"- date (UTC): {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}")
+    print(f"- machine: {machine()}")
+    print(f"- load average (1/5/15 min) at start: {load()}")
+    print()
+
+
+def footer() -> None:
+    print()
+    print(f"- load average (1/5/15 min) at end: {load()}  "
+          f"(the benchmark itself contributes up to {torch.get_num_threads()})")
+
+
+def table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    print("| " + " | ".join(head) + " |")
+    print("|" + "|".join("---" for _ in head) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(x) for x in r) + " |")
+
+
+def fmt_s(t: float) -> str:
+    return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"

@@ -1,0 +1,116 @@
+"""CPU benchmark of the GPTQ engine (torch.ops.lrgptq.gptq_quantize) against a plain-PyTorch GPTQ.
+
+Per layer (d_out, d): float32 W, 4-bit, group size 128, asymmetric, block size B = 128, identity
+order, U from the cholesky route (damp 0.01) of a random SPD H. Both the engine and the baseline
+(bench/gptq_baseline.py: the IST-DASLab fasterquant inner loop) get the same W and U in the same run.
+
+Also the engine's time over its GEMM floor: the flops of the lazy block updates
+(Σ_blocks 2·d_out·B·(d − i2) ≈ d_out·d²) at the sgemm rate of the lazy-update shape
+(C(d_out×d) −= A(d_out×128)·B(128×d), addmm_) measured in the same run; a large square sgemm's
+rate is printed for reference.
+
+    python bench/engine.py            # the table of docs/benchmarks.md
+    python bench/engine.py --quick    # smoke run, small shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import common
+import gptq_baseline
+
+import lrgptq  # noqa: F401  (registers torch.ops.lrgptq)
+
+BITS, GS, SYM, B = 4, 128, False, 128
+
+
+def random_U(d: int, gen: torch.Generator) -> torch.Tensor:
+    """U (d×d upper, float64) from the cholesky route of H = XᵀX, X: 2d tokens, uneven channel scales."""
+    X = torch.randn(2 * d, d, generator=gen) * torch.exp(0.5 * torch.randn(d, generator=gen))
+    H = (X.T @ X).double()
+    perm, U, k, dead, info = torch.ops.lrgptq.factor(H, "gram", "cholesky", "identity", 0.01, "mean", 8,
+                                                     "rel", 1e-4, torch.float64)
+    assert k == d and torch.equal(perm, torch.arange(d))
+    return U
+
+
+def lazy_flops(d_out: int, d: int, block: int) -> int:
+    return sum(2 * d_out * min(block, d - i1) * (d - min(i1 + block, d)) for i1 in range(0, d, block))
+
+
+def sgemm_rate_lazy(d_out: int, d: int, runs: int) -> float:
+    A = torch.randn(d_out, B)
+    Bm = torch.randn(B, d)
+    C = torch.randn(d_out, d)
+    t = common.median(common.time_it(lambda: C.addmm_(A, Bm, beta=1, alpha=-1), runs=max(runs, 3)))
+    return 2 * d_out * B * d / t
+
+
+def sgemm_rate_square(n: int, runs: int) -> float:
+    A, Bm = torch.randn(n, n), torch.randn(n, n)
+    t = common.median(common.time_it(lambda: A @ Bm, runs=max(runs, 3)))
+    return 2 * n**3 / t
+
+
+def engine(W, perm, U):
+    return torch.ops.lrgptq.gptq_quantize(W, perm, U, False, BITS, GS, SYM, False, False, B)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: small shapes, 1 run each")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    common.setup(args.threads)
+    shapes = [(256, 256), (512, 512)] if args.quick else [(1024, 1024), (4096, 4096), (11008, 4096)]
+    runs = 1 if args.quick else 3
+
+    common.header("GPTQ engine vs plain-PyTorch GPTQ (CPU, float32, 4-bit g128 asym, B=128)")
+    n_sq = 1024 if args.quick else 4096
+    sq = sgemm_rate_square(n_sq, runs)
+    print(f"- sgemm {n_sq}x{n_sq}x{n_sq}: {sq / 1e9:.1f} GFLOP/s")
+    print()
+
+    gen = torch.Generator().manual_seed(0)
+    U_cache = {}
+    rows = []
+    for d_out, d in shapes:
+        if d not in U_cache:
+            U_cache[d] = random_U(d, gen)
+        U = U_cache[d].float().contiguous()
+        W = torch.randn(d_out, d, generator=gen) * 0.02
+        perm = torch.arange(d)
+
+        t_eng = common.time_it(lambda: engine(W, perm, U), runs=runs)
+        codes_e = engine(W, perm, U)[0]
+
+        big = d_out * d > 4096 * 4096
+        b_runs = 1 if big else runs
+        b_times, out = [], None
+        for i in range(b_runs + (0 if big or args.quick else 1)):  # one warm-up unless big
+            t0 = common.time.perf_counter()
+            out = gptq_baseline.fasterquant(W, U, bits=BITS, groupsize=GS, sym=SYM, blocksize=B)
+            b_times.append(common.time.perf_counter() - t0)
+        b_times = b_times[-b_runs:]
+        codes_b = gptq_baseline.codes_of(out[0], out[1], out[2], GS)
+        equal = (codes_b == codes_e).double().mean().item() * 100
+
+        rate = sgemm_rate_lazy(d_out, d, runs)
+        fl = lazy_flops(d_out, d, B)
+        floor = fl / rate
+        te, tb = common.median(t_eng), common.median(b_times)
+        rows.append([
+            f"{d_out}x{d}", f"{common.fmt_s(te)} ({len(t_eng)})", f"{common.fmt_s(tb)} ({b_runs})",
+            f"{tb / te:.2f}x", f"{fl / 1e9:.1f}", f"{rate / 1e9:.1f}", common.fmt_s(floor),
+            f"{te / floor:.2f}x", f"{equal:.3f}%",
+        ])
+    common.table(["d_out x d", "engine (runs)", "baseline (runs)", "speedup", "lazy GFLOP",
+                  "sgemm lazy-shape GFLOP/s", "GEMM floor", "engine / floor", "codes equal"], rows)
+    common.footer()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Perplexity over a token stream with non-overlapping windows (the GPTQ/wikitext2 protocol)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    ids: torch.Tensor,
+    window: int = 2048,
+    max_windows: Optional[int] = None,
+    device: Optional[torch.device] = None,
+) -> float:
+    """exp(mean next-token NLL) over ``ids`` (1-D or (1, T)) cut into windows of ``window`` tokens.
+
+    Every window is scored on its own (no context carried across), as in the GPTQ papers; report
+    the window with the number.
+    """
+    ids = ids.reshape(-1)
+    n = ids.numel() // window
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"need at least {window} tokens for one window, got {ids.numel()}")
+    device = device or next(model.parameters()).device
+    nll, count = 0.0, 0
+    for i in range(n):
+        x = ids[i * window : (i + 1) * window].unsqueeze(0).to(device)
+        logits = model(x).logits.float()
+        loss = nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
+        nll += float(loss)
+        count += window - 1
+    return math.exp(nll / count)

@@ -1,0 +1,156 @@
+"""quantize_model: walk the blocks, capture each linear's inputs, quantize, feed the next block.
+
+For each block: its linears are split into sequential subsets (the layers that read the same
+input, in execution order: q/k/v, then o, then gate/up, then down). With ``true_sequential``
+each subset's inputs are captured after the subsets before it were quantized. The block is then
+re-run to produce the next block's inputs from the quantized block. If anything fails, every
+weight already changed is put back and the hooks are gone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .calib import Calib, calibration_batches
+from .capture import BlockInput, first_block_inputs, in_features, input_hooks
+from .config import QuantConfig
+from .linear import QuantResult, make_accumulator, quantize_linear
+from .models import find_blocks, find_linears, set_weight_matrix, weight_matrix
+
+
+@dataclass
+class ModelReport:
+    """What quantize_model did: a row per layer, and the engine's result per layer name."""
+
+    config: QuantConfig
+    layers: List[dict] = field(default_factory=list)
+    results: Dict[str, QuantResult] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        head = f"{'layer':<48} {'shape':>12} {'tokens':>7} {'rank':>6} {'loss':>11} {'note'}"
+        rows = [head, "-" * len(head)]
+        for r in self.layers:
+            shape = f"{r['d_out']}x{r['d']}"
+            note = r.get("note", "")
+            if r.get("damp_retries"):
+                note = (note + f" damp raised x10^{r['damp_retries']}").strip()
+            rows.append(f"{r['name']:<48} {shape:>12} {r['tokens']:>7} {r['rank']:>6} {r['loss']:>11.4g} {note}")
+        return "\n".join(rows)
+
+
+def _run_block(block: nn.Module, inputs: List[BlockInput]) -> List[Any]:
+    return [block(*args, **kwargs) for args, kwargs in inputs]
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def sequential_subsets(block: nn.Module, linears: Dict[str, nn.Module], sample: BlockInput) -> List[List[str]]:
+    """Groups the linears that read the same tensor, in the order they first run."""
+    first_seen: Dict[str, Tuple[int, tuple]] = {}
+    alive: List[torch.Tensor] = []  # held so that no freed input's address is reused by the next
+
+    def sink(name: str, X: torch.Tensor) -> None:
+        if name not in first_seen:
+            alive.append(X)
+            first_seen[name] = (X.data_ptr(), tuple(X.shape))
+
+    with input_hooks(linears, sink):
+        block(*sample[0], **sample[1])
+    groups: Dict[Tuple[int, tuple], List[str]] = {}
+    for name in first_seen:  # dicts keep insertion (= execution) order
+        groups.setdefault(first_seen[name], []).append(name)
+    subsets = list(groups.values())
+    unseen = [n for n in linears if n not in first_seen]  # e.g. MoE experts no token reached
+    if unseen:
+        subsets.append(unseen)
+    return subsets
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    calib: Calib,
+    config: Optional[QuantConfig] = None,
+    *,
+    tokenizer: Any = None,
+    blocks: Optional[str] = None,
+    skip: Sequence[str] = (),
+    true_sequential: bool = True,
+    max_length: int = 2048,
+    progress: bool = True,
+) -> ModelReport:
+    """Quantizes every linear layer inside ``model``'s blocks in place; returns a report.
+
+    ``calib``: a list of strings (with ``tokenizer``), a LongTensor of token ids (N, L), or an
+    iterable of such tensors or of dicts with ``input_ids``. ``blocks``: dotted path of the
+    block list when discovery picks the wrong one. ``skip``: substrings of layer names to leave
+    in full precision. The model's weights hold the dequantized values afterwards; the codes,
+    scales, zeros and g_idx of each layer are in ``report.results`` for packing.
+    """
+    cfg = config if config is not None else QuantConfig()
+    start = time.perf_counter()
+    batches = calibration_batches(calib, tokenizer, max_length=max_length)
+    block_path, block_list = find_blocks(model, blocks)
+    report = ModelReport(cfg)
+    backups: List[Tuple[nn.Module, torch.Tensor]] = []
+    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
+    if use_cache is not None:
+        model.config.use_cache = False
+    was_training = model.training
+    model.eval()
+    bar = _progress(len(block_list), progress)
+    try:
+        inputs = first_block_inputs(model, block_list[0], batches)
+        for i, block in enumerate(block_list):
+            linears = find_linears(block, tuple(skip))
+            subsets = sequential_subsets(block, linears, inputs[0]) if true_sequential else [list(linears)]
+            for subset in subsets:
+                modules = {n: linears[n] for n in subset}
+                accs = {n: make_accumulator(cfg, in_features(m)) for n, m in modules.items()}
+                with input_hooks(modules, lambda n, X: accs[n].add(X)):
+                    _run_block(block, inputs)
+                for n, m in modules.items():
+                    name = f"{block_path}.{i}.{n}"
+                    t0 = time.perf_counter()
+                    res = quantize_linear(weight_matrix(m), accs[n], cfg, name=name)
+                    backups.append((m, m.weight.detach().clone()))
+                    set_weight_matrix(m, res.weight)
+                    res.weight = torch.empty(0)  # the module holds it; keep only what packing needs
+                    report.results[name] = res
+                    row = {"name": name, "block": i, "d_out": res.codes.shape[0], "d": res.codes.shape[1],
+                           "seconds": time.perf_counter() - t0, **res.report}
+                    report.layers.append(row)
+                    if bar is not None:
+                        bar.set_postfix_str(f"{n} rank {res.rank} loss {res.loss:.3g}")
+            inputs = [(( _hidden(out),) + args[1:], kwargs) for out, (args, kwargs) in zip(_run_block(block, inputs), inputs)]
+            if bar is not None:
+                bar.update(1)
+    except BaseException:
+        for module, weight in reversed(backups):
+            with torch.no_grad():
+                module.weight.copy_(weight)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+        model.train(was_training)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _progress(total: int, enabled: bool) -> Optional[Any]:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="blocks", unit="block")

@@ -1,0 +1,57 @@
+"""Tiny random-weight transformers models, built from configs (no files, no network)."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+
+VOCAB = 96
+
+
+def _llama_like(cls_name: str, cfg_name: str, **extra) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        import transformers
+
+        cfg = getattr(transformers, cfg_name)(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **extra,
+        )
+        return getattr(transformers, cls_name)(cfg)
+
+    return build
+
+
+def _build(cls_name: str, cfg_name: str, **kw) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        import transformers
+
+        return getattr(transformers, cls_name)(getattr(transformers, cfg_name)(**kw))
+
+    return build
+
+
+ARCHS: Dict[str, Callable[[], torch.nn.Module]] = {
+    "llama": _llama_like("LlamaForCausalLM", "LlamaConfig"),
+    "qwen2": _llama_like("Qwen2ForCausalLM", "Qwen2Config"),
+    "qwen3": _llama_like("Qwen3ForCausalLM", "Qwen3Config", head_dim=16),
+    "mistral": _llama_like("MistralForCausalLM", "MistralConfig"),
+    "gemma": _llama_like("GemmaForCausalLM", "GemmaConfig", head_dim=16),
+    "gemma3": _llama_like("Gemma3ForCausalLM", "Gemma3TextConfig", head_dim=16),
+    "phi": _build("PhiForCausalLM", "PhiConfig", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128),
+    "opt": _build("OPTForCausalLM", "OPTConfig", vocab_size=VOCAB, hidden_size=64, ffn_dim=128,
+                  num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64),
+    "gpt2": _build("GPT2LMHeadModel", "GPT2Config", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
+                   n_positions=128),
+    "gpt_neox": _build("GPTNeoXForCausalLM", "GPTNeoXConfig", vocab_size=VOCAB, hidden_size=64,
+                       intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       max_position_embeddings=128),
+    "bert": _build("BertModel", "BertConfig", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                   num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128),
+}
+
+
+def output_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
