@@ -38,6 +38,22 @@ def load() -> str:
     return f"{a:.2f} {b:.2f} {c:.2f}"
 
 
+def cpu_busy(interval: float = 1.0) -> float:
+    """Fraction of all CPUs busy over `interval` seconds (from /proc/stat), before we start: other load."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + v[4]
+        return sum(v), idle
+    try:
+        t0, i0 = snap()
+        time.sleep(interval)
+        t1, i1 = snap()
+        return 1.0 - (i1 - i0) / max(t1 - t0, 1)
+    except OSError:
+        return float("nan")
+
+
 def machine() -> str:
     try:
         model = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -52,7 +68,8 @@ def header(title: str) -> None:
     print(f"# {title}")
     print(f"- date (UTC): {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}")
     print(f"- machine: {machine()}")
-    print(f"- load average (1/5/15 min) at start: {load()}")
+    print(f"- load average (1/5/15 min) at start: {load()}; CPU busy in the 1 s before start: "
+          f"{100 * cpu_busy():.0f}% of {os.cpu_count()} CPUs")
     print()
 
 

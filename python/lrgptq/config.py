@@ -14,6 +14,11 @@ TRUNCATIONS = ("rel", "energy", "none")
 DAMP_REFS = ("mean", "median")
 SKETCH_KINDS = ("sparse", "gaussian")
 COMPUTE_DTYPES = (torch.float32, torch.float64)
+METHODS = {
+    "gptq": {"route": "cholesky", "accumulator": "gram", "order": "identity"},
+    "lrgptq": {"route": "svdqr", "accumulator": "qr", "order": "pivot"},
+    "rtn": {"route": "rtn", "accumulator": "gram", "order": "identity"},
+}
 
 
 def _bad(field: str, value: Any, allowed: str) -> ValueError:
@@ -96,6 +101,14 @@ class QuantConfig:
             raise _bad("sketch_size", None, "set (the sketch's row count m) when accumulator='sketch'")
         if self.route == "ql" and self.accumulator == "sketch":
             raise _bad("route", "ql", "'svdqr' or 'cholesky' with a sketch (a sketch has m < d rows)")
+
+    @classmethod
+    def for_method(cls, method: str, **overrides: Any) -> "QuantConfig":
+        """Presets: ``gptq`` (cholesky route on H, as published), ``lrgptq`` (svdqr on the exact
+        streaming QR, pivoted order) and ``rtn`` (round to nearest); ``overrides`` win."""
+        if method not in METHODS:
+            raise _bad("method", method, "one of " + ", ".join(repr(m) for m in METHODS))
+        return cls(**{**METHODS[method], **overrides})
 
     def check_columns(self, d: int, name: str = "layer") -> None:
         """Checks the settings that depend on the layer's in_features d."""

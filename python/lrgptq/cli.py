@@ -1,0 +1,148 @@
+"""The ``lrgptq`` command: quantize, eval and demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+from .config import METHODS, ORDERS, ROUTES, TRUNCATIONS, QuantConfig
+
+
+def _add_quant_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantization")
+    g.add_argument("--method", choices=sorted(METHODS), default="lrgptq",
+                   help="preset: gptq = Cholesky of the damped H (as published); lrgptq = exact streaming QR, "
+                        "SVD truncation, pivoted order (never damps); rtn = round to nearest (default: lrgptq)")
+    g.add_argument("--bits", type=int, default=4, help="bits per weight, 2..8 (default 4)")
+    g.add_argument("--group-size", type=int, default=128, help="input channels per scale/zero; -1 = one per row (default 128)")
+    g.add_argument("--sym", action="store_true", help="symmetric grid (zero fixed at 2^(bits-1)); default asymmetric")
+    g.add_argument("--mse", action="store_true", help="search the grid's range by MSE (shrink factors) instead of min-max")
+    g.add_argument("--static-groups", action="store_true", help="group grids from the original weights, before any update")
+    g.add_argument("--route", choices=ROUTES, help="override the preset's factor route")
+    g.add_argument("--order", choices=ORDERS, help="column order: identity, act (diag H), pivot (pivoted QR), babai (back to front)")
+    g.add_argument("--accumulator", choices=("gram", "qr", "sketch"), help="what is kept of the inputs: H, R, or a sketch Y")
+    g.add_argument("--sketch-size", type=int, help="rows m of the sketch (accumulator sketch)")
+    g.add_argument("--damp", type=float, default=0.01, help="cholesky route: λ = damp × mean (or median) diag H (default 0.01)")
+    g.add_argument("--damp-ref", choices=("mean", "median"), default="mean", help="diagonal statistic that damp multiplies")
+    g.add_argument("--truncation", choices=TRUNCATIONS, default="rel", help="svdqr: rule that drops meaningless singular values")
+    g.add_argument("--tau", type=float, default=1e-4, help="svdqr: threshold of the truncation rule (default 1e-4)")
+    g.add_argument("--block-size", type=int, default=128, help="columns per lazy batch update (default 128)")
+    g.add_argument("--skip", nargs="*", default=[], help="leave layers whose name contains any of these in full precision")
+    g.add_argument("--no-true-sequential", action="store_true",
+                   help="capture all of a block's inputs at once instead of subset by subset")
+    g.add_argument("--seed", type=int, default=0, help="seed of calibration windows and sketches")
+
+
+def _config(args: argparse.Namespace) -> QuantConfig:
+    overrides = {k: getattr(args, k) for k in ("route", "order", "accumulator", "sketch_size") if getattr(args, k)}
+    return QuantConfig.for_method(
+        args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, mse=args.mse,
+        static_groups=args.static_groups, damp=args.damp, damp_ref=args.damp_ref,
+        truncation=args.truncation, tau=args.tau, block_size=args.block_size, seed=args.seed, **overrides,
+    )
+
+
+def _load(path: str, gguf_file: Optional[str]):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kw)
+    return model.eval(), tok
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .calib import text_windows
+    from .eval import perplexity
+    from .pipeline import quantize_model
+
+    cfg = _config(args)
+    model, tok = _load(args.model, args.gguf_file)
+    with open(args.calib, encoding="utf-8") as f:
+        calib = text_windows(f.read(), tok, args.nsamples, args.seqlen, args.seed)
+    report = quantize_model(model, calib, cfg, skip=tuple(args.skip), true_sequential=not args.no_true_sequential)
+    print(report.table())
+    print(f"quantized {len(report.layers)} layers in {report.seconds:.1f} s")
+    if args.eval_text:
+        with open(args.eval_text, encoding="utf-8") as f:
+            ids = tok(f.read(), return_tensors="pt")["input_ids"]
+        print(f"perplexity (window {args.window}): {perplexity(model, ids, args.window, args.max_windows):.3f}")
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as f:
+            json.dump({"config": cfg.to_dict(), "layers": report.layers, "seconds": report.seconds}, f, indent=1)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import perplexity
+
+    model, tok = _load(args.model, args.gguf_file)
+    with open(args.text, encoding="utf-8") as f:
+        ids = tok(f.read(), return_tensors="pt")["input_ids"]
+    print(f"perplexity (window {args.window}): {perplexity(model, ids, args.window, args.max_windows):.3f}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(bits=args.bits, methods=args.methods, nsamples=args.nsamples, seqlen=args.seqlen,
+             window=args.window, max_windows=args.max_windows)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lrgptq", description="Post-training weight quantization of LLMs (GPTQ family).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a local Hugging Face model with calibration text",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("model", help="local model directory (config.json + weights, or a GGUF with --gguf-file)")
+    q.add_argument("--gguf-file", help="GGUF file name inside the model directory (dequantized on load)")
+    q.add_argument("--calib", required=True, help="text file of calibration prose")
+    q.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    q.add_argument("--eval-text", help="text file to report perplexity on after quantizing (keep it disjoint from --calib)")
+    q.add_argument("--window", type=int, default=512, help="perplexity window (tokens)")
+    q.add_argument("--max-windows", type=int, help="cap on perplexity windows")
+    q.add_argument("--report", help="write the per-layer report as JSON here")
+    _add_quant_options(q)
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a local model on a text file",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("model")
+    e.add_argument("--gguf-file")
+    e.add_argument("--text", required=True, help="text file (scored in non-overlapping windows)")
+    e.add_argument("--window", type=int, default=512)
+    e.add_argument("--max-windows", type=int)
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="quantize the packaged model with each method and print perplexities",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("--bits", type=int, nargs="+", default=[4, 3], help="bit widths to compare")
+    d.add_argument("--methods", nargs="+", default=["rtn", "gptq", "lrgptq"], choices=sorted(METHODS))
+    d.add_argument("--nsamples", type=int, default=32, help="calibration windows")
+    d.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    d.add_argument("--window", type=int, default=512, help="perplexity window (tokens)")
+    d.add_argument("--max-windows", type=int, default=16, help="perplexity windows")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, OSError) as err:
+        print(f"lrgptq {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
