@@ -81,7 +81,7 @@ int64_t block_end(int64_t i1, int64_t B, int64_t d, int64_t gsz, bool static_gro
   int64_t i2 = std::min(i1 + B, d);
   if (static_groups) return i2;
   for (int64_t g = (i1 / gsz + 1) * gsz; g < i2; g += gsz)
-    if (g + gsz > i2) return g;
+    if (std::min(g + gsz, d) > i2) return g;
   return i2;
 }
 
@@ -105,12 +105,13 @@ void run_engine(Problem<T>& P, const at::Tensor& Tw, const at::Tensor& U, const 
 // Static groups: params of group g from the original W[:, g·gsz : (g+1)·gsz] before any update.
 template <typename T>
 void static_grids(const Problem<T>& P, const at::Tensor& W) {
-  const int64_t G = P.d / P.gsz;
+  const int64_t G = (P.d + P.gsz - 1) / P.gsz;
   const T* w = W.data_ptr<T>();
   at::parallel_for(0, P.d_out, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t g = 0; g < G; ++g) {
-        const Grid<T> grid = find_grid(w + r * P.d + g * P.gsz, P.gsz, P.maxq, P.sym, P.mse);
+        const Grid<T> grid =
+            find_grid(w + r * P.d + g * P.gsz, std::min(P.gsz, P.d - g * P.gsz), P.maxq, P.sym, P.mse);
         P.scales[g * P.d_out + r] = grid.scale;
         P.zeros[g * P.d_out + r] = grid.zero;
       }
@@ -124,8 +125,8 @@ void check_inputs(const at::Tensor& W, const at::Tensor& perm, const at::Tensor&
               "lrgptq.gptq_quantize: W must be float32 or float64 (the compute dtype), got ", W.scalar_type());
   const int64_t d = W.size(1);
   TORCH_CHECK(bits >= 2 && bits <= 8, "lrgptq.gptq_quantize: bits must be in 2..8, got ", bits);
-  TORCH_CHECK(group_size == -1 || (group_size > 0 && d % group_size == 0),
-              "lrgptq.gptq_quantize: group_size must be -1 or a positive divisor of d = ", d, ", got ", group_size);
+  TORCH_CHECK(group_size == -1 || group_size > 0,
+              "lrgptq.gptq_quantize: group_size must be -1 (one group per row) or positive, got ", group_size);
   TORCH_CHECK(block_size >= 1, "lrgptq.gptq_quantize: block_size must be >= 1, got ", block_size);
   TORCH_CHECK(perm.dim() == 1 && perm.size(0) == d && perm.scalar_type() == at::kLong,
               "lrgptq.gptq_quantize: perm must be an int64 vector of length d = ", d, ", got ",
@@ -147,7 +148,7 @@ EngineOut gptq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::T
   check_inputs(W, perm, U_in, bits, group_size, block_size);
   const int64_t d_out = W.size(0), d = W.size(1);
   const int64_t gsz = group_size == -1 ? std::max<int64_t>(d, 1) : group_size;
-  const int64_t G = group_size == -1 ? 1 : d / group_size;
+  const int64_t G = (d + gsz - 1) / gsz;  // the last group is shorter when gsz does not divide d
   const auto opts = W.options();
   at::Tensor Wc = W.contiguous();
   at::Tensor Tw = Wc.index_select(1, perm).contiguous();
@@ -190,7 +191,7 @@ EngineOut gptq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::T
 EngineOut gptq_quantize_meta(const at::Tensor& W, const at::Tensor& perm, const at::Tensor& U, bool,
                              int64_t, int64_t group_size, bool, bool, bool, int64_t) {
   const int64_t d_out = W.size(0), d = W.size(1);
-  const int64_t G = group_size == -1 ? 1 : d / group_size;
+  const int64_t G = group_size == -1 ? 1 : (d + group_size - 1) / group_size;
   const auto o = W.options();
   return {at::empty({d_out, d}, o.dtype(at::kByte)), at::empty({G, d_out}, o), at::empty({G, d_out}, o),
           at::empty({d}, o.dtype(at::kInt)), at::empty({d_out, d}, o), at::empty({d_out}, o)};

@@ -110,14 +110,6 @@ class QuantConfig:
             raise _bad("method", method, "one of " + ", ".join(repr(m) for m in METHODS))
         return cls(**{**METHODS[method], **overrides})
 
-    def check_columns(self, d: int, name: str = "layer") -> None:
-        """Checks the settings that depend on the layer's in_features d."""
-        if self.group_size != -1 and d % self.group_size:
-            raise ValueError(
-                f"{name}: group_size={self.group_size} does not divide in_features={d}; "
-                f"use a divisor of {d} or group_size=-1"
-            )
-
     def to_dict(self) -> dict:
         out = asdict(self)
         out["compute_dtype"] = str(self.compute_dtype).replace("torch.", "")
