@@ -38,6 +38,27 @@ def load() -> str:
     return f"{a:.2f} {b:.2f} {c:.2f}"
 
 
+def _stat():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + v[4]  # total, idle (+iowait) jiffies of all CPUs
+
+
+_START = {}
+
+
+def others_busy() -> float:
+    """Fraction of all CPUs used by OTHER processes since header(): (system busy − our CPU time) / capacity."""
+    t1, i1 = _stat()
+    tt = os.times()
+    t0, i0 = _START["stat"]
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = ((t1 - t0) - (i1 - i0)) / hz
+    ours = (tt.user + tt.system) - _START["ours"]
+    cap = (t1 - t0) / hz
+    return max(0.0, busy - ours) / max(cap, 1e-9)
+
+
 def cpu_busy(interval: float = 1.0) -> float:
     """Fraction of all CPUs busy over `interval` seconds (from /proc/stat), before we start: other load."""
     def snap():
@@ -71,10 +92,13 @@ def header(title: str) -> None:
     print(f"- load average (1/5/15 min) at start: {load()}; CPU busy in the 1 s before start: "
           f"{100 * cpu_busy():.0f}% of {os.cpu_count()} CPUs")
     print()
+    tt = os.times()
+    _START["stat"], _START["ours"] = _stat(), tt.user + tt.system
 
 
 def footer() -> None:
     print()
+    print(f"- CPU used by other processes during the run: {100 * others_busy():.0f}% of {os.cpu_count()} CPUs")
     print(f"- load average (1/5/15 min) at end: {load()}  "
           f"(the benchmark itself contributes up to {torch.get_num_threads()})")
 

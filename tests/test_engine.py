@@ -150,7 +150,6 @@ def _bad_calls(d):
     return {
         "U_wrong_d": (W, p, U[:, :-1].contiguous(), {}),
         "U_too_many_rows": (W, p, torch.cat([U, U[:1]]), {}),
-        "U_dtype": (W, p, U.float(), {}),
         "perm_short": (W, p[:-1].contiguous(), U, {}),
         "perm_duplicate": (W, dup, U, {}),
         "perm_out_of_range": (W, torch.cat([p[:-1], torch.tensor([d])]), U, {}),

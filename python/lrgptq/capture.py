@@ -11,8 +11,8 @@ from torch import nn
 from .models import is_conv1d
 
 
-class _Stop(Exception):
-    """Raised by the first block's hook once its inputs are caught."""
+class StopForward(Exception):
+    """Raised by a hook once what it waited for is caught; ends the forward pass early."""
 
 
 BlockInput = Tuple[Tuple[Any, ...], Dict[str, Any]]
@@ -24,7 +24,7 @@ def first_block_inputs(model: nn.Module, block: nn.Module, batches: List[Any]) -
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         caught.append((args, kwargs))
-        raise _Stop
+        raise StopForward
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -34,7 +34,7 @@ def first_block_inputs(model: nn.Module, block: nn.Module, batches: List[Any]) -
                     model(**batch)
                 else:
                     model(batch)
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         handle.remove()
@@ -44,20 +44,32 @@ def first_block_inputs(model: nn.Module, block: nn.Module, batches: List[Any]) -
 
 
 @contextlib.contextmanager
-def input_hooks(modules: Dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    """Streams every input of each module to ``sink(name, X)``; the hooks are always removed."""
+def input_hooks(
+    modules: Dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None], stop_when_all_seen: bool = False
+) -> Iterator[Callable[[], None]]:
+    """Streams every input of each module to ``sink(name, X)``; the hooks are always removed.
+
+    With ``stop_when_all_seen``, the forward pass is cut short (``StopForward``) as soon as every
+    module has seen its input: the rest of the block is not needed to capture them. The context
+    yields a ``reset`` to call before each forward pass, so each pass waits for every module.
+    """
     handles = []
+    seen: set = set()
 
     def make(name: str) -> Callable:
         def hook(_module: nn.Module, args: tuple, _out: Any) -> None:
             sink(name, args[0].detach())
+            if stop_when_all_seen:
+                seen.add(name)
+                if len(seen) == len(modules):
+                    raise StopForward
 
         return hook
 
     try:
         for name, module in modules.items():
             handles.append(module.register_forward_hook(make(name)))
-        yield
+        yield seen.clear
     finally:
         for h in handles:
             h.remove()

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .calib import Calib, calibration_batches
-from .capture import BlockInput, first_block_inputs, in_features, input_hooks
+from .capture import BlockInput, StopForward, first_block_inputs, in_features, input_hooks
 from .config import QuantConfig
 from .linear import QuantResult, make_accumulator, quantize_linear
 from .models import find_blocks, find_linears, set_weight_matrix, weight_matrix
@@ -46,6 +46,16 @@ class ModelReport:
 
 def _run_block(block: nn.Module, inputs: List[BlockInput]) -> List[Any]:
     return [block(*args, **kwargs) for args, kwargs in inputs]
+
+
+def _feed_block(block: nn.Module, inputs: List[BlockInput], reset: Callable[[], None]) -> None:
+    """Runs every batch through ``block`` for its hooks' sake; a hook may cut a pass short."""
+    for args, kwargs in inputs:
+        reset()
+        try:
+            block(*args, **kwargs)
+        except StopForward:
+            pass
 
 
 def _hidden(out: Any) -> torch.Tensor:
@@ -108,15 +118,22 @@ def quantize_model(
     model.eval()
     bar = _progress(len(block_list), progress)
     try:
-        inputs = first_block_inputs(model, block_list[0], batches)
+        rtn = cfg.route == "rtn"
+        inputs = [] if rtn else first_block_inputs(model, block_list[0], batches)
         for i, block in enumerate(block_list):
             linears = find_linears(block, tuple(skip))
-            subsets = sequential_subsets(block, linears, inputs[0]) if true_sequential else [list(linears)]
+            if rtn:  # no inputs needed: one subset, no capture, no forward passes
+                subsets = [list(linears)]
+            elif true_sequential:
+                subsets = sequential_subsets(block, linears, inputs[0])
+            else:
+                subsets = [list(linears)]
             for subset in subsets:
                 modules = {n: linears[n] for n in subset}
                 accs = {n: make_accumulator(cfg, in_features(m)) for n, m in modules.items()}
-                with input_hooks(modules, lambda n, X: accs[n].add(X)):
-                    _run_block(block, inputs)
+                if not rtn:
+                    with input_hooks(modules, lambda n, X: accs[n].add(X), stop_when_all_seen=True) as reset:
+                        _feed_block(block, inputs, reset)
                 for n, m in modules.items():
                     name = f"{block_path}.{i}.{n}"
                     t0 = time.perf_counter()
@@ -130,7 +147,9 @@ def quantize_model(
                     report.layers.append(row)
                     if bar is not None:
                         bar.set_postfix_str(f"{n} rank {res.rank} loss {res.loss:.3g}")
-            inputs = [(( _hidden(out),) + args[1:], kwargs) for out, (args, kwargs) in zip(_run_block(block, inputs), inputs)]
+            if not rtn:
+                outputs = _run_block(block, inputs)
+                inputs = [((_hidden(out),) + args[1:], kwargs) for out, (args, kwargs) in zip(outputs, inputs)]
             if bar is not None:
                 bar.update(1)
     except BaseException:
