@@ -6,8 +6,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "checks.h"
 #include "sketch_rng.h"
@@ -52,16 +54,29 @@ void sketch_update(at::Tensor Y, const at::Tensor& X, int64_t seed, int64_t offs
     const double a = 1.0 / std::sqrt(static_cast<double>(zeta));
     double* y = Y.data_ptr<double>();
     const double* x = Xb.data_ptr<double>();
+    // The zeta distinct rows and signs of each token's column of S (redrawn on a collision).
+    std::vector<int64_t> rows(N * zeta);
+    std::vector<double> vals(N * zeta);
+    at::parallel_for(0, N, 256, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t* r = rows.data() + t * zeta;
+        for (int64_t l = 0, draw = 0; l < zeta; ++draw) {
+          const uint64_t h = sketch_hash(s, static_cast<uint64_t>(offset + t), static_cast<uint64_t>(draw));
+          const int64_t row = static_cast<int64_t>(h % static_cast<uint64_t>(m));
+          if (std::find(r, r + l, row) != r + l) continue;
+          r[l] = row;
+          vals[t * zeta + l] = (h >> 63) ? -a : a;
+          ++l;
+        }
+      }
+    });
     // Threads own column ranges of Y, so every Y entry is summed in token order.
     at::parallel_for(0, d, 256, [&](int64_t c0, int64_t c1) {
       for (int64_t t = 0; t < N; ++t) {
-        const uint64_t n = static_cast<uint64_t>(offset + t);
+        const double* xt = x + t * d;
         for (int64_t l = 0; l < zeta; ++l) {
-          const uint64_t h = sketch_hash(s, n, static_cast<uint64_t>(l));
-          const int64_t row = static_cast<int64_t>(h % static_cast<uint64_t>(m));
-          const double v = (h >> 63) ? -a : a;
-          double* yr = y + row * d;
-          const double* xt = x + t * d;
+          double* yr = y + rows[t * zeta + l] * d;
+          const double v = vals[t * zeta + l];
           for (int64_t c = c0; c < c1; ++c) yr[c] += v * xt[c];
         }
       }
@@ -82,7 +97,17 @@ void sketch_update(at::Tensor Y, const at::Tensor& X, int64_t seed, int64_t offs
   }
 }
 
+// In-place updates with no outputs: on Meta the shapes are all there is, so nothing to do.
+void update_meta(at::Tensor, const at::Tensor&) {}
+void sketch_update_meta(at::Tensor, const at::Tensor&, int64_t, int64_t, c10::string_view, int64_t) {}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(lrgptq, Meta, m) {
+  m.impl("gram_update", &update_meta);
+  m.impl("qr_update", &update_meta);
+  m.impl("sketch_update", &sketch_update_meta);
+}
 
 TORCH_LIBRARY_IMPL(lrgptq, CPU, m) {
   m.impl("gram_update", &gram_update);

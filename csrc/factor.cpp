@@ -3,7 +3,8 @@
 //   cholesky: H_λ = H + λI, U = chol_upper(chol_inverse(chol(H_λ)))   (GPTQ as published)
 //   svdqr:    A = U_A Σ Vᵀ, keep k, perm from pivoted QR of Σ_k V_kᵀ,
 //             QR of Σ_k⁻¹ V_kᵀ[:, perm] = Q R', U = R' with diag R' > 0   (H⁺ = UᵀU)
-//   ql:       M lower with H_p = MᵀM from a QR of the column-reversed factor (no inverse);
+//   ql:       M lower with H_p = MᵀM from a QR of the column-reversed factor (no inverse;
+//             damped as cholesky only if X is rank-deficient);
 //             handed to the engine as Ā = 2D⁻¹ − D⁻¹MᵀD⁻¹ (D = diag M), which with
 //             errors taken from the original weights is q_j = Q(w_j + Σ_{i<j} M_ji/M_jj (w_i − q_i)).
 #include <ATen/ATen.h>
@@ -221,7 +222,8 @@ FactorOut factor_svdqr(const at::Tensor& A, Source src, c10::string_view order,
   if (order == "pivot" || k < d) {
     // The first k pivots of B are the columns that carry the kept subspace. For other orders the
     // kept columns go first in that order and the columns past rank after them (DESIGN §3.4).
-    auto [piv, taken] = pivoted_order(at::matmul(B.t(), B), k, d * std::numeric_limits<double>::epsilon());
+    const at::Tensor B64 = B.to(at::kDouble);  // the Gram squares κ: form it in float64 whatever the dtype
+    auto [piv, taken] = pivoted_order(at::matmul(B64.t(), B64), k, d * std::numeric_limits<double>::epsilon());
     pivots = taken;
     k = std::min(k, taken);
     if (order == "pivot") {
@@ -249,29 +251,41 @@ FactorOut factor_svdqr(const at::Tensor& A, Source src, c10::string_view order,
   return {perm, U, k, dead, info};
 }
 
-// Exact route without an inverse: M lower with H_p = MᵀM.
-FactorOut factor_ql(const at::Tensor& A, Source src, c10::string_view order, at::ScalarType dtype) {
+// Exact route without an inverse: M lower with H_p = MᵀM. When X is rank-deficient (a zero
+// pivot in M), H is damped as the cholesky route does, F ← R-factor of [F; √λ I], and reported.
+FactorOut factor_ql(const at::Tensor& A, Source src, c10::string_view order, double damp,
+                    c10::string_view damp_ref, int64_t max_retries, at::ScalarType dtype) {
   const int64_t d = A.size(1);
   at::Tensor F = root_of(A.to(dtype), src);  // H = FᵀF
   at::Tensor diagH = gram_diag(A, src).to(dtype);
   at::Tensor dead = diagH == 0;
   int64_t pivots = d;
   at::Tensor perm = order_perm(order, diagH, order == "pivot" ? at::matmul(F.t(), F) : at::Tensor(), d, pivots);
-  // QR of F[:, perm] reversed: F_p J = Q R̃, so H_p = J R̃ᵀR̃ J = MᵀM with M = J R̃ J lower.
-  at::Tensor Rt = sign_fix_rows(std::get<1>(at::linalg_qr(reverse_cols(F.index_select(1, perm)), "r")));
-  TORCH_CHECK(Rt.size(0) >= d, "lrgptq.factor: route='ql' needs at least d = ", d,
-              " rows in the factor (got ", Rt.size(0), "): too few calibration tokens; use route='svdqr'");
-  at::Tensor M = Rt.flip({0, 1});
-  at::Tensor D = M.diagonal();
-  const double dmax = D.abs().max().item<double>();
+  const at::Tensor Fp = F.index_select(1, perm);
   const double unit = dtype == at::kDouble ? std::numeric_limits<double>::epsilon()
                                            : std::numeric_limits<float>::epsilon();
-  TORCH_CHECK((D > d * unit * dmax).all().item<bool>(),
-              "lrgptq.factor: route='ql' needs X of full column rank (no dead features, no collinear columns, "
-              "N >= d); this layer's inputs are rank-deficient: use route='svdqr', which truncates");
-  at::Tensor Dinv = D.reciprocal();
+  const double ref = damp_reference(diagH, damp_ref);
+  double lambda = 0;
+  int64_t retries = 0;
+  at::Tensor M;
+  for (;; ++retries) {
+    at::Tensor Fl = lambda > 0 ? at::cat({Fp, std::sqrt(lambda) * at::eye(d, Fp.options())}) : Fp;
+    // QR of F_p reversed: F_p J = Q R̃, so H_p = J R̃ᵀR̃ J = MᵀM with M = J R̃ J lower.
+    at::Tensor Rt = sign_fix_rows(std::get<1>(at::linalg_qr(reverse_cols(Fl), "r")));
+    if (Rt.size(0) >= d) {
+      M = Rt.flip({0, 1});
+      const at::Tensor D = M.diagonal();
+      if ((D > d * unit * D.abs().max()).all().item<bool>()) break;
+    }
+    TORCH_CHECK(retries < max_retries, "lrgptq.factor: route='ql' met rank-deficient inputs and damping up to λ = ",
+                lambda, " did not cure it; use route='svdqr', which truncates instead of damping");
+    lambda = lambda > 0 ? 10 * lambda : (damp > 0 ? damp : 1e-8) * ref;
+  }
+  at::Tensor Dinv = M.diagonal().reciprocal();
   at::Tensor U = Dinv.diag() * 2 - Dinv.unsqueeze(1) * M.t() * Dinv.unsqueeze(0);  // Ā = 2D⁻¹ − D⁻¹MᵀD⁻¹
   at::Tensor info = at::zeros({8}, A.options().dtype(at::kDouble));
+  info[0] = lambda;
+  info[1] = static_cast<double>(retries);
   info[2] = dead.sum().item<double>();
   info[5] = 1.0;  // errors are taken from the original weights
   return {perm, U.triu(), d, dead, info};
@@ -282,7 +296,7 @@ FactorOut factor(const at::Tensor& A, c10::string_view source, c10::string_view 
                  c10::string_view truncation, double tau, at::ScalarType dtype) {
   const Source src = parse_source(source);
   TORCH_CHECK(A.dim() == 2 && A.size(1) > 0, "lrgptq.factor: A must be a 2-D accumulator state, got ", A.sizes());
-  TORCH_CHECK(src != Source::gram && src != Source::qr || A.size(0) == A.size(1),
+  TORCH_CHECK(src == Source::sketch || A.size(0) == A.size(1),
               "lrgptq.factor: a '", source, "' state must be square, got ", A.sizes());
   TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat, "lrgptq.factor: dtype must be float64 or float32, got ", dtype);
   check_float(A, "factor", "A");
@@ -291,7 +305,7 @@ FactorOut factor(const at::Tensor& A, c10::string_view source, c10::string_view 
   TORCH_CHECK(tau >= 0 && std::isfinite(tau), "lrgptq.factor: tau must be finite and >= 0, got ", tau);
   if (route == "cholesky") return factor_cholesky(A, src, order, damp, damp_ref, max_retries, dtype);
   if (route == "svdqr") return factor_svdqr(A, src, order, truncation, tau, dtype);
-  if (route == "ql") return factor_ql(A, src, order, dtype);
+  if (route == "ql") return factor_ql(A, src, order, damp, damp_ref, max_retries, dtype);
   TORCH_CHECK(false, "lrgptq.factor: route must be 'cholesky', 'svdqr' or 'ql', got '", route, "'");
 }
 

@@ -82,10 +82,10 @@ def gptq(W, perm, U, *, bits=4, group_size=-1, sym=False, mse=False, static_grou
     T = W0.clone()  # the running targets
     Up = torch.zeros(d, d, dtype=dt)
     Up[:k] = U  # rows past rank are zero: those columns propagate nothing
-    scales = torch.zeros(d // gs, d_out, dtype=dt)
-    zeros = torch.zeros(d // gs, d_out, dtype=dt)
+    scales = torch.zeros(-(-d // gs), d_out, dtype=dt)
+    zeros = torch.zeros(-(-d // gs), d_out, dtype=dt)
     if static_groups:  # from the ORIGINAL W, original column order, before anything
-        for g in range(d // gs):
+        for g in range(-(-d // gs)):
             scales[g], zeros[g] = quant_params(W[:, g * gs:(g + 1) * gs], bits, sym, mse)
     codes = torch.zeros(d_out, d, dtype=dt)  # perm order
     Q = torch.zeros(d_out, d, dtype=dt)
@@ -135,10 +135,10 @@ def obs_explicit(W, H, perm, *, bits=4, group_size=-1, sym=False, mse=False, sta
     codes = torch.zeros(d_out, d, dtype=W.dtype)
     Q = torch.zeros_like(T)
     loss = torch.zeros(d_out, dtype=W.dtype)
+    static = [quant_params(W[:, g * gs:(g + 1) * gs], bits, sym, mse) for g in range(-(-d // gs))] if static_groups else None
     for j in range(d):
         if static_groups:
-            g = int(perm[j]) // gs
-            scale, zero = quant_params(W[:, g * gs:(g + 1) * gs], bits, sym, mse)
+            scale, zero = static[int(perm[j]) // gs]
         elif j % gs == 0:
             scale, zero = quant_params(T[:, j:j + gs], bits, sym, mse)  # all updates are applied
         codes[:, j] = quantize(T[:, j], scale, zero, maxq)
@@ -160,9 +160,9 @@ def rtn(W, *, bits=4, group_size=-1, sym=False, mse=False):
     gs = d if group_size == -1 else group_size
     maxq = 2**bits - 1
     codes = torch.empty(d_out, d, dtype=W.dtype)
-    scales = torch.empty(d // gs, d_out, dtype=W.dtype)
+    scales = torch.empty(-(-d // gs), d_out, dtype=W.dtype)
     zeros = torch.empty_like(scales)
-    for g in range(d // gs):
+    for g in range(-(-d // gs)):
         s, z = quant_params(W[:, g * gs:(g + 1) * gs], bits, sym, mse)
         scales[g], zeros[g] = s, z
         codes[:, g * gs:(g + 1) * gs] = quantize(W[:, g * gs:(g + 1) * gs], s[:, None], z[:, None], maxq)

@@ -8,7 +8,7 @@ import torch
 
 import lrgptq
 import reference as ref
-from util import (factor_op, gptq_op, gram_op, ill_X, ops, problem, qr_op, quantize_with, rand_X, randn,
+from util import (factor_op, gptq_op, gram_op, ill_X, problem, qr_op, quantize_with, rand_X, randn,
                   random_orthogonal, sketch_op, sweep_split)
 
 F64, F32 = torch.float64, torch.float32
@@ -332,6 +332,8 @@ def test_float32_kappa_sweep(gen, kappa_):
     if kappa_ >= 1e6:
         assert k < d  # float32 cannot see s_min; it must be truncated, not inverted
     assert abs(info[3].item() - 1) < 1e-3 and abs(info[4].item() / s[k - 1].item() - 1) < 1e-2
+    if kappa_ <= 1e4:  # s_min = 1/kappa is far above float32 noise (u * s_max): "none" must keep it
+        assert factor_op(R, "qr", "svdqr", "pivot", truncation="none", dtype=F32)[2] == d
     kept = info[3].item() / info[4].item()
     p_svd = proxy(U, H, perm)
     assert p_svd < 30 * U32 * kept, (p_svd, U32 * kept)

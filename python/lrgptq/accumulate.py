@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -13,7 +13,8 @@ KINDS = ("gram", "qr", "sketch")
 class Accumulator:
     """Streams batches X (..., d) into H (``gram``), R (``qr``) or Y (``sketch``).
 
-    ``qr`` starts from R0 = sqrt(damp)·I, so that RᵀR = XᵀX + damp·I exactly. ``sketch`` keeps
+    ``qr`` starts from R0 = sqrt(damp)·I, so that RᵀR = XᵀX + damp·I exactly; it buffers batches
+    until 2d rows wait, so each QR of [R; X_b] costs O(d²) per token, as H += X_bᵀX_b does. ``sketch`` keeps
     m = ``sketch_size`` rows; the sketch of a token depends only on (seed, its global index), so
     two workers that cover disjoint token ranges merge by summing.
     """
@@ -38,18 +39,32 @@ class Accumulator:
         self.kind, self.d, self.sketch_kind, self.zeta, self.seed = kind, d, sketch_kind, zeta, seed
         self.tokens = 0
         self.offset = token_offset
+        self._pending: List[torch.Tensor] = []
+        self._pending_rows = 0
         if kind == "gram":
-            self.state = torch.zeros(d, d, dtype=torch.float64)
+            self._state = torch.zeros(d, d, dtype=torch.float64)
         elif kind == "qr":
             if dtype not in (torch.float32, torch.float64):
                 raise ValueError(f"Accumulator dtype={dtype} must be torch.float32 or torch.float64")
-            self.state = math.sqrt(damp) * torch.eye(d, dtype=dtype)
+            self._state = math.sqrt(damp) * torch.eye(d, dtype=dtype)
         else:
             if sketch_size is None or sketch_size < 1:
                 raise ValueError("Accumulator('sketch') needs sketch_size=m >= 1 (rows of the sketch)")
             if sketch_kind not in ("sparse", "gaussian"):
                 raise ValueError(f"sketch_kind={sketch_kind!r} must be 'sparse' or 'gaussian'")
-            self.state = torch.zeros(sketch_size, d, dtype=torch.float64)
+            self._state = torch.zeros(sketch_size, d, dtype=torch.float64)
+
+    @property
+    def state(self) -> torch.Tensor:
+        """H, R or Y with every batch added so far."""
+        self._flush()
+        return self._state
+
+    def _flush(self) -> None:
+        if self._pending:
+            batch = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
+            self._pending, self._pending_rows = [], 0
+            torch.ops.lrgptq.qr_update(self._state, batch)
 
     def add(self, X: torch.Tensor) -> "Accumulator":
         """Adds a batch of inputs of shape (..., d), any float dtype."""
@@ -58,12 +73,20 @@ class Accumulator:
         X = X.detach().cpu()
         n = X.numel() // self.d if X.shape and X.shape[-1] == self.d else 0
         if self.kind == "gram":
-            torch.ops.lrgptq.gram_update(self.state, X)
+            torch.ops.lrgptq.gram_update(self._state, X)
         elif self.kind == "qr":
-            torch.ops.lrgptq.qr_update(self.state, X)
+            if not X.is_floating_point() or X.shape[-1:] != (self.d,):
+                torch.ops.lrgptq.qr_update(self._state, X)  # the op's own error names what is wrong
+            rows = X.reshape(-1, self.d).to(self._state.dtype, copy=True)  # the model may reuse X
+            if not bool(torch.isfinite(rows).all()):
+                raise ValueError("Accumulator.add: X contains NaN or Inf; clean the calibration inputs X")
+            self._pending.append(rows)
+            self._pending_rows += rows.shape[0]
+            if self._pending_rows >= 2 * self.d:
+                self._flush()
         else:
             torch.ops.lrgptq.sketch_update(
-                self.state, X, self.seed, self.offset + self.tokens, self.sketch_kind, self.zeta
+                self._state, X, self.seed, self.offset + self.tokens, self.sketch_kind, self.zeta
             )
         self.tokens += n
         return self
@@ -78,6 +101,6 @@ class Accumulator:
         if self.kind == "qr":
             torch.ops.lrgptq.qr_update(self.state, other.state)
         else:
-            self.state += other.state
+            self._state += other.state
         self.tokens += other.tokens
         return self

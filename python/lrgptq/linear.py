@@ -99,8 +99,10 @@ def quantize_linear(
             W, perm, U.to(cfg.compute_dtype), from_original, cfg.bits, cfg.group_size, cfg.sym,
             cfg.mse, cfg.static_groups, cfg.block_size,
         )
-    except RuntimeError as err:
-        raise RuntimeError(f"{name}: {err}") from err
+    except (RuntimeError, ValueError) as err:
+        if str(err).startswith(f"{name}:"):
+            raise
+        raise type(err)(f"{name}: {err}") from err
     loss = float(row_loss.sum())
     report.update(rank=int(rank), loss=loss)
     return QuantResult(codes, scales, zeros, g_idx, Q.to(weight.dtype), loss, row_loss, perm, int(rank), report)
