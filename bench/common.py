@@ -44,19 +44,49 @@ def _stat():
     return sum(v), v[3] + v[4]  # total, idle (+iowait) jiffies of all CPUs
 
 
-_START = {}
+class Window:
+    """Measures the CPU share used by OTHER processes while the block runs:
+    (system busy time − this process's CPU time) / (elapsed × CPUs), from /proc/stat and os.times()."""
+
+    def __enter__(self) -> "Window":
+        tt = os.times()
+        self._stat, self._ours = _stat(), tt.user + tt.system
+        self.others = float("nan")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.others = self.read()
+
+    def read(self) -> float:
+        t1, i1 = _stat()
+        tt = os.times()
+        t0, i0 = self._stat
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = ((t1 - t0) - (i1 - i0)) / hz
+        ours = (tt.user + tt.system) - self._ours
+        return max(0.0, busy - ours) / max((t1 - t0) / hz, 1e-9)
+
+
+def quiet_run(fn, max_others: float = 0.05, attempts: int = 3, wait_s: float = 20.0):
+    """Runs fn() until other processes used at most max_others of the CPUs during it (up to `attempts`
+    tries, waiting wait_s between); returns (result of the quietest try, its others fraction, tries)."""
+    best = None
+    for a in range(1, attempts + 1):
+        with Window() as w:
+            r = fn()
+        if best is None or w.others < best[1]:
+            best = (r, w.others)
+        if w.others <= max_others:
+            break
+        time.sleep(wait_s)
+    return best[0], best[1], a
+
+
+_WHOLE = Window()
 
 
 def others_busy() -> float:
-    """Fraction of all CPUs used by OTHER processes since header(): (system busy − our CPU time) / capacity."""
-    t1, i1 = _stat()
-    tt = os.times()
-    t0, i0 = _START["stat"]
-    hz = os.sysconf("SC_CLK_TCK")
-    busy = ((t1 - t0) - (i1 - i0)) / hz
-    ours = (tt.user + tt.system) - _START["ours"]
-    cap = (t1 - t0) / hz
-    return max(0.0, busy - ours) / max(cap, 1e-9)
+    return _WHOLE.read()
 
 
 def cpu_busy(interval: float = 1.0) -> float:
@@ -92,8 +122,7 @@ def header(title: str) -> None:
     print(f"- load average (1/5/15 min) at start: {load()}; CPU busy in the 1 s before start: "
           f"{100 * cpu_busy():.0f}% of {os.cpu_count()} CPUs")
     print()
-    tt = os.times()
-    _START["stat"], _START["ours"] = _stat(), tt.user + tt.system
+    _WHOLE.__enter__()
 
 
 def footer() -> None:

@@ -1,7 +1,8 @@
 // Factor routes (DESIGN §3): from an accumulator's state to a column order `perm`
 // and an engine-ready upper-triangular factor U (k x d, in perm order).
 //   cholesky: H_λ = H + λI, U = chol_upper(chol_inverse(chol(H_λ)))   (GPTQ as published)
-//   svdqr:    A = U_A Σ Vᵀ, keep k, perm from pivoted QR of Σ_k V_kᵀ,
+//   svdqr:    A = U_A Σ Vᵀ, optionally σ̃² = σ² + λ (H + λI without forming H), keep k,
+//             perm from pivoted QR of Σ_k V_kᵀ,
 //             QR of Σ_k⁻¹ V_kᵀ[:, perm] = Q R', U = R' with diag R' > 0   (H⁺ = UᵀU)
 //   ql:       M lower with H_p = MᵀM from a QR of the column-reversed factor (no inverse;
 //             damped as cholesky only if X is rank-deficient);
@@ -198,18 +199,23 @@ int64_t truncate(const at::Tensor& sigma, c10::string_view rule, double tau, dou
 }
 
 // This project's route: never forms or damps H when the state is R or Y.
-FactorOut factor_svdqr(const at::Tensor& A, Source src, c10::string_view order,
-                       c10::string_view truncation, double tau, at::ScalarType dtype) {
+FactorOut factor_svdqr(const at::Tensor& A, Source src, c10::string_view order, double damp,
+                       c10::string_view damp_ref, c10::string_view truncation, double tau, at::ScalarType dtype) {
   const int64_t d = A.size(1);
   at::Tensor sigma, Vh;
   if (src == Source::gram) {  // H = VΛVᵀ, σ = sqrt(λ)
     auto [evals, V] = at::linalg_eigh(A.to(dtype));
     sigma = evals.flip({0}).clamp_min(0).sqrt();
     Vh = V.flip({1}).t();
-  } else {
-    auto [Us, S, V] = at::linalg_svd(A.to(dtype), /*full_matrices=*/false);
-    sigma = S;
+  } else {  // damping needs every right singular vector, also those of σ = 0 when A has < d rows
+    auto [Us, S, V] = at::linalg_svd(A.to(dtype), /*full_matrices=*/damp > 0 && A.size(0) < d);
+    sigma = S.size(0) < V.size(0) ? at::cat({S, at::zeros({V.size(0) - S.size(0)}, S.options())}) : S;
     Vh = V;
+  }
+  double lambda = 0;
+  if (damp > 0) {  // spectral damping: σ̃² = σ² + λ is the factor of H + λI, and H is never formed
+    lambda = damp * damp_reference(gram_diag(A, src).to(dtype), damp_ref);
+    sigma = (sigma.square() + lambda).sqrt();
   }
   const double unit = dtype == at::kDouble ? std::numeric_limits<double>::epsilon()
                                            : std::numeric_limits<float>::epsilon();
@@ -244,6 +250,7 @@ FactorOut factor_svdqr(const at::Tensor& A, Source src, c10::string_view order,
   at::Tensor C = (Vh.narrow(0, 0, k) / sigma.narrow(0, 0, k).unsqueeze(1)).index_select(1, perm);
   at::Tensor U = k > 0 ? sign_fix_rows(std::get<1>(at::linalg_qr(C, "r"))) : C;
   at::Tensor info = at::zeros({8}, A.options().dtype(at::kDouble));
+  info[0] = lambda;
   info[2] = dead.sum().item<double>();
   info[3] = k > 0 ? sigma[0].item<double>() : 0.0;
   info[4] = k > 0 ? sigma[k - 1].item<double>() : 0.0;
@@ -304,7 +311,7 @@ FactorOut factor(const at::Tensor& A, c10::string_view source, c10::string_view 
   TORCH_CHECK(damp >= 0 && std::isfinite(damp), "lrgptq.factor: damp must be finite and >= 0, got ", damp);
   TORCH_CHECK(tau >= 0 && std::isfinite(tau), "lrgptq.factor: tau must be finite and >= 0, got ", tau);
   if (route == "cholesky") return factor_cholesky(A, src, order, damp, damp_ref, max_retries, dtype);
-  if (route == "svdqr") return factor_svdqr(A, src, order, truncation, tau, dtype);
+  if (route == "svdqr") return factor_svdqr(A, src, order, damp, damp_ref, truncation, tau, dtype);
   if (route == "ql") return factor_ql(A, src, order, damp, damp_ref, max_retries, dtype);
   TORCH_CHECK(false, "lrgptq.factor: route must be 'cholesky', 'svdqr' or 'ql', got '", route, "'");
 }

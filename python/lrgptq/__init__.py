@@ -9,14 +9,16 @@ from . import _C  # noqa: F401  (registers torch.ops.lrgptq)
 from .accumulate import Accumulator
 from .config import QuantConfig
 from .eval import perplexity
-from .linear import QuantResult, quantize_linear
+from .linear import Factor, QuantResult, factorize, quantize_linear
 from .pipeline import ModelReport, quantize_model
 
 __all__ = [
     "Accumulator",
+    "Factor",
     "ModelReport",
     "QuantConfig",
     "QuantResult",
+    "factorize",
     "perplexity",
     "quantize_linear",
     "quantize_model",

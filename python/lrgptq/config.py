@@ -29,8 +29,9 @@ def _bad(field: str, value: Any, allowed: str) -> ValueError:
 class QuantConfig:
     """Settings of one quantization.
 
-    route: ``cholesky`` (GPTQ as published), ``svdqr`` (factor the inputs: SVD, truncation,
-    pivoted order, QR; never damps H), ``ql`` (exact, no inverse) or ``rtn`` (round to nearest).
+    route: ``cholesky`` (GPTQ as published), ``svdqr`` (factor the inputs: SVD, spectral damping
+    σ̃² = σ² + λ with λ = damp × mean diag H, truncation, pivoted order, QR; never forms H),
+    ``ql`` (exact, no inverse; damped only if X is rank-deficient) or ``rtn`` (round to nearest).
     order: ``identity``, ``act`` (diag H descending), ``pivot`` (pivoted-QR order) or ``babai``
     (back to front; with route ``ql`` this is Babai's nearest plane on R).
     accumulator: what is kept of the inputs: ``gram`` (H), ``qr`` (R, exact) or ``sketch`` (Y).

@@ -56,16 +56,50 @@ def _accumulate(inputs: Inputs, config: QuantConfig, d: int, name: str) -> Accum
     return acc
 
 
+@dataclass
+class Factor:
+    """A column order and an engine-ready factor of one set of inputs; layers that read the same
+    inputs (q/k/v, gate/up) share one."""
+
+    perm: torch.Tensor
+    U: torch.Tensor
+    rank: int
+    dead: Optional[torch.Tensor]
+    from_original: bool
+    route: str
+    report: dict
+
+
+def factorize(acc: Accumulator, config: QuantConfig) -> Factor:
+    """Factors an accumulator with ``config``'s route; with no tokens, every column is rounded."""
+    route = config.route if acc.tokens > 0 else "rtn"
+    report = {"route": route, "order": config.order, "accumulator": acc.kind, "tokens": acc.tokens}
+    if route == "rtn":
+        if acc.tokens == 0 and config.route != "rtn":
+            report["note"] = "no calibration tokens reached this layer: rounded to nearest"
+        return Factor(torch.arange(acc.d), torch.empty(0, acc.d), 0, None, False, route, report)
+    perm, U, rank, dead, info = torch.ops.lrgptq.factor(
+        acc.state, acc.kind, route, config.order, config.damp, config.damp_ref, config.max_retries,
+        config.truncation, config.tau, config.factor_dtype,
+    )
+    report.update(
+        damp_lambda=float(info[0]), damp_retries=int(info[1]), dead=int(info[2]),
+        sigma_max=float(info[3]), sigma_min_kept=float(info[4]),
+    )
+    return Factor(perm, U, int(rank), dead, bool(info[5] > 0), route, report)
+
+
 def quantize_linear(
     weight: torch.Tensor,
-    inputs: Inputs,
+    inputs: Union[Inputs, Factor],
     config: Optional[QuantConfig] = None,
     name: str = "layer",
 ) -> QuantResult:
     """Quantizes one linear layer's ``weight`` (d_out, d) given its inputs.
 
-    ``inputs`` is a tensor (..., d), an iterable of such batches, or an :class:`Accumulator` that
-    already holds them. Errors name the layer (``name``), the tensor and the fix.
+    ``inputs`` is a tensor (..., d), an iterable of such batches, an :class:`Accumulator` that
+    already holds them, or a :class:`Factor` made from one by :func:`factorize`. Errors name the
+    layer (``name``), the tensor and the fix.
     """
     cfg = config if config is not None else QuantConfig()
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
@@ -73,30 +107,17 @@ def quantize_linear(
         raise ValueError(f"{name}: weight must be a 2-D float tensor (out_features, in_features), got {desc}")
     d = weight.shape[1]
     try:
-        acc = _accumulate(inputs, cfg, d, name)
-        route = cfg.route if acc.tokens > 0 else "rtn"
-        report = {"route": route, "order": cfg.order, "accumulator": acc.kind, "tokens": acc.tokens, "d": d}
-        if route == "rtn":
-            perm = torch.arange(d)
-            U = torch.empty(0, d, dtype=cfg.compute_dtype)
-            rank, from_original, dead = 0, False, None
-            if acc.tokens == 0 and cfg.route != "rtn":
-                report["note"] = "no calibration tokens reached this layer: rounded to nearest"
+        if isinstance(inputs, Factor):
+            if inputs.perm.numel() != d:
+                raise ValueError(f"the factor is for d={inputs.perm.numel()} inputs, the weight has {d}")
+            f = inputs
         else:
-            perm, U, rank, dead, info = torch.ops.lrgptq.factor(
-                acc.state, acc.kind, route, cfg.order, cfg.damp, cfg.damp_ref, cfg.max_retries,
-                cfg.truncation, cfg.tau, cfg.factor_dtype,
-            )
-            from_original = bool(info[5] > 0)
-            report.update(
-                damp_lambda=float(info[0]), damp_retries=int(info[1]), dead=int(info[2]),
-                sigma_max=float(info[3]), sigma_min_kept=float(info[4]),
-            )
+            f = factorize(_accumulate(inputs, cfg, d, name), cfg)
         W = weight.detach().cpu().to(cfg.compute_dtype)
-        if route == "cholesky" and dead is not None and bool(dead.any()):
-            W[:, dead] = 0  # as GPTQ: a feature that never fires gets a zero weight
+        if f.route == "cholesky" and f.dead is not None and bool(f.dead.any()):
+            W[:, f.dead] = 0  # as GPTQ: a feature that never fires gets a zero weight
         codes, scales, zeros, g_idx, Q, row_loss = torch.ops.lrgptq.gptq_quantize(
-            W, perm, U.to(cfg.compute_dtype), from_original, cfg.bits, cfg.group_size, cfg.sym,
+            W, f.perm, f.U.to(cfg.compute_dtype), f.from_original, cfg.bits, cfg.group_size, cfg.sym,
             cfg.mse, cfg.static_groups, cfg.block_size,
         )
     except (RuntimeError, ValueError) as err:
@@ -104,5 +125,5 @@ def quantize_linear(
             raise
         raise type(err)(f"{name}: {err}") from err
     loss = float(row_loss.sum())
-    report.update(rank=int(rank), loss=loss)
-    return QuantResult(codes, scales, zeros, g_idx, Q.to(weight.dtype), loss, row_loss, perm, int(rank), report)
+    report = {**f.report, "d": d, "rank": f.rank, "loss": loss}
+    return QuantResult(codes, scales, zeros, g_idx, Q.to(weight.dtype), loss, row_loss, f.perm, f.rank, report)

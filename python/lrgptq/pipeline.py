@@ -19,7 +19,7 @@ from torch import nn
 from .calib import Calib, calibration_batches
 from .capture import BlockInput, StopForward, first_block_inputs, in_features, input_hooks
 from .config import QuantConfig
-from .linear import QuantResult, make_accumulator, quantize_linear
+from .linear import QuantResult, factorize, make_accumulator, quantize_linear
 from .models import find_blocks, find_linears, set_weight_matrix, weight_matrix
 
 
@@ -62,8 +62,11 @@ def _hidden(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def sequential_subsets(block: nn.Module, linears: Dict[str, nn.Module], sample: BlockInput) -> List[List[str]]:
-    """Groups the linears that read the same tensor, in the order they first run."""
+def sequential_subsets(
+    block: nn.Module, linears: Dict[str, nn.Module], sample: BlockInput
+) -> List[Tuple[List[str], bool]]:
+    """Groups the linears that read the same tensor, in the order they first run: a list of
+    (names, shared), where shared says the names read one tensor (so one factor serves all)."""
     first_seen: Dict[str, Tuple[int, tuple]] = {}
     alive: List[torch.Tensor] = []  # held so that no freed input's address is reused by the next
 
@@ -77,10 +80,10 @@ def sequential_subsets(block: nn.Module, linears: Dict[str, nn.Module], sample: 
     groups: Dict[Tuple[int, tuple], List[str]] = {}
     for name in first_seen:  # dicts keep insertion (= execution) order
         groups.setdefault(first_seen[name], []).append(name)
-    subsets = list(groups.values())
+    subsets = [(names, True) for names in groups.values()]
     unseen = [n for n in linears if n not in first_seen]  # e.g. MoE experts no token reached
     if unseen:
-        subsets.append(unseen)
+        subsets.append((unseen, False))
     return subsets
 
 
@@ -123,21 +126,24 @@ def quantize_model(
         for i, block in enumerate(block_list):
             linears = find_linears(block, tuple(skip))
             if rtn:  # no inputs needed: one subset, no capture, no forward passes
-                subsets = [list(linears)]
+                subsets = [(list(linears), False)]
             elif true_sequential:
                 subsets = sequential_subsets(block, linears, inputs[0])
             else:
-                subsets = [list(linears)]
-            for subset in subsets:
+                subsets = [(list(linears), False)]
+            for subset, shared in subsets:
                 modules = {n: linears[n] for n in subset}
-                accs = {n: make_accumulator(cfg, in_features(m)) for n, m in modules.items()}
+                # Layers that read one tensor share one accumulator and one factor.
+                readers = {subset[0]: modules[subset[0]]} if shared else modules
+                accs = {n: make_accumulator(cfg, in_features(m)) for n, m in readers.items()}
                 if not rtn:
-                    with input_hooks(modules, lambda n, X: accs[n].add(X), stop_when_all_seen=True) as reset:
+                    with input_hooks(readers, lambda n, X: accs[n].add(X), stop_when_all_seen=True) as reset:
                         _feed_block(block, inputs, reset)
+                factors = {n: factorize(acc, cfg) for n, acc in accs.items()}
                 for n, m in modules.items():
                     name = f"{block_path}.{i}.{n}"
                     t0 = time.perf_counter()
-                    res = quantize_linear(weight_matrix(m), accs[n], cfg, name=name)
+                    res = quantize_linear(weight_matrix(m), factors[subset[0] if shared else n], cfg, name=name)
                     backups.append((m, m.weight.detach().clone()))
                     set_weight_matrix(m, res.weight)
                     res.weight = torch.empty(0)  # the module holds it; keep only what packing needs
