@@ -60,7 +60,7 @@ at::Tensor reverse_cols(const at::Tensor& A) { return A.flip({1}); }
 // Same pivots as geqp3 in exact arithmetic; resolves residuals down to tol·max diag(G).
 // Returns (perm, number of pivots taken before the residual fell below tol).
 std::tuple<at::Tensor, int64_t> pivoted_order(at::Tensor G, int64_t kmax, double tol) {
-  G = G.to(at::kDouble).contiguous();
+  G = G.to(at::kDouble).clone(at::MemoryFormat::Contiguous);  // worked on in place: never the caller's
   const int64_t n = G.size(0), nb = 64;
   kmax = std::min(kmax, n);
   at::Tensor L = at::zeros({n, std::max<int64_t>(kmax, 1)}, G.options());

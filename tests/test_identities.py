@@ -211,6 +211,11 @@ def test_pivot_order_is_pivoted_qr(gen):
     _, _, piv = scipy.linalg.qr(X.numpy(), mode="economic", pivoting=True)
     assert perm.tolist() == piv.tolist()
     assert relerr(U, ref.cholesky_U(H, perm)) < 1e-8 * kappa(X)
+    # Every route takes the same pivots, and none of them changes the state it was given.
+    H_before = H.clone()
+    for A, source, route_ in ((H, "gram", "cholesky"), (H, "gram", "ql"), (H, "gram", "svdqr")):
+        assert factor_op(A, source, route_, "pivot", damp=0.0)[0].tolist() == piv.tolist()
+        assert torch.equal(A, H_before)
 
 
 # ----------------------------------------------------------------------------- 3. loss identity
@@ -227,7 +232,8 @@ def test_loss_identity_op(gen, which, order, bits, gs):
 
 
 @pytest.mark.parametrize("route_,accumulator,order", [("cholesky", "gram", "act"), ("svdqr", "qr", "pivot"),
-                                                       ("ql", "qr", "identity")])
+                                                       ("ql", "qr", "identity"), ("cholesky", "gram", "pivot"),
+                                                       ("ql", "qr", "pivot"), ("svdqr", "gram", "pivot")])
 def test_loss_identity_quantize_linear(gen, route_, accumulator, order):
     W, X, H = problem(gen, 14, 64)
     cfg = lrgptq.QuantConfig(bits=3, group_size=16, route=route_, order=order, accumulator=accumulator,
