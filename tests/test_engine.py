@@ -4,18 +4,9 @@ import torch
 
 import lrgptq  # noqa: F401  (registers torch.ops.lrgptq)
 import reference as ref
-from util import gptq_op, problem, randn
+from util import gptq_op, make_perm, problem, randn
 
 F64 = torch.float64
-
-
-def make_perm(kind, H, gen):
-    d = H.shape[0]
-    if kind == "identity":
-        return torch.arange(d)
-    if kind == "act":
-        return torch.argsort(torch.diagonal(H), descending=True, stable=True)
-    return torch.randperm(d, generator=gen)
 
 
 def assert_same(out, exp, seed):

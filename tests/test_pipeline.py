@@ -99,3 +99,19 @@ def test_user_named_blocks_and_skip() -> None:
     assert not any("fc1" in n or "fc2" in n for n in names)
     with pytest.raises(ValueError, match="no submodule"):
         lrgptq.quantize_model(model, ids, blocks="model.nope", progress=False)
+
+
+@pytest.mark.parametrize("method", ["gptq", "lrgptq"])
+def test_fewer_tokens_than_inputs_is_reported(method: str) -> None:
+    torch.manual_seed(5)
+    model = ARCHS["llama"]().eval()
+    ids = torch.randint(0, VOCAB, (1, 24))  # 24 tokens, layers with 64 and 128 inputs
+    with torch.no_grad():
+        ref = output_of(model, ids)
+    report = lrgptq.quantize_model(model, ids, lrgptq.QuantConfig.for_method(method, bits=4, group_size=32),
+                                   progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(output_of(model, ids)).all()
+    assert all("24 calibration tokens" in r["note"] for r in report.layers)
+    assert all(r["tokens"] == 24 for r in report.layers)
+    assert float((output_of(model, ids) - ref).abs().max()) < float(ref.abs().max())

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import reference as ref
-from util import problem, randn, rand_X
+from util import make_perm, problem, randn, rand_X
 
 SETTINGS = [  # bits, group_size, sym, mse, static_groups
     (4, -1, False, False, False),
@@ -16,15 +16,6 @@ SETTINGS = [  # bits, group_size, sym, mse, static_groups
 ]
 
 
-def _perm(kind, H, gen):
-    d = H.shape[0]
-    if kind == "identity":
-        return torch.arange(d)
-    if kind == "act":
-        return torch.argsort(torch.diagonal(H), descending=True, stable=True)
-    return torch.randperm(d, generator=gen)
-
-
 def _q(bits, gs, sym, mse, static):
     return dict(bits=bits, group_size=gs, sym=sym, mse=mse, static_groups=static)
 
@@ -33,7 +24,7 @@ def _q(bits, gs, sym, mse, static):
 @pytest.mark.parametrize("perm_kind", ["identity", "act", "random"])
 def test_blocked_equals_unblocked_equals_obs(gen, setting, perm_kind):
     W, X, H = problem(gen, 7, 48)
-    perm = _perm(perm_kind, H, gen)
+    perm = make_perm(perm_kind, H, gen)
     U = ref.cholesky_U(H, perm)
     q = _q(*setting)
     codes_obs, Q_obs, loss_obs = ref.obs_explicit(W, H, perm, **q)
@@ -75,7 +66,7 @@ def test_ql_from_original_equals_cholesky(gen, perm_kind, gs, static):
     group params do not read partially updated targets (per-row, static or 1-column groups): the
     from_original running targets equal GPTQ's only once ALL earlier columns are in."""
     W, X, H = problem(gen, 8, 40)
-    perm = _perm(perm_kind, H, gen)
+    perm = make_perm(perm_kind, H, gen)
     q = dict(bits=4, group_size=gs, static_groups=static)
     a = ref.gptq(W, perm, ref.cholesky_U(H, perm), **q)
     b = ref.gptq(W, perm, ref.ql_U(ref.qr_R(X), perm), from_original=True, block_size=9, **q)

@@ -30,6 +30,16 @@ def ill_X(gen, N, d, kappa):
     return (A * s) @ B, s
 
 
+def make_perm(kind, H, gen):
+    """A column order: identity, act-order (diag H descending) or random."""
+    d = H.shape[0]
+    if kind == "identity":
+        return torch.arange(d)
+    if kind == "act":
+        return torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    return torch.randperm(d, generator=gen)
+
+
 def random_orthogonal(gen, n):
     Qm, Rm = torch.linalg.qr(randn(gen, n, n))
     return Qm * torch.sign(torch.diagonal(Rm))

@@ -86,6 +86,9 @@ def factorize(acc: Accumulator, config: QuantConfig) -> Factor:
         damp_lambda=float(info[0]), damp_retries=int(info[1]), dead=int(info[2]),
         sigma_max=float(info[3]), sigma_min_kept=float(info[4]),
     )
+    if acc.kind != "sketch" and acc.tokens < acc.d:
+        report["note"] = (f"{acc.tokens} calibration tokens for {acc.d} inputs: H has rank <= {acc.tokens}; "
+                          f"{route} {'damped' if report['damp_lambda'] > 0 else 'truncated'} it")
     return Factor(perm, U, int(rank), dead, bool(info[5] > 0), route, report)
 
 
