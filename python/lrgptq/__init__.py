@@ -10,12 +10,14 @@ from .accumulate import Accumulator
 from .config import QuantConfig
 from .eval import perplexity
 from .linear import QuantResult, quantize_linear
+from .nn import QuantLinear
 from .pipeline import ModelReport, quantize_model
 
 __all__ = [
     "Accumulator",
     "ModelReport",
     "QuantConfig",
+    "QuantLinear",
     "QuantResult",
     "perplexity",
     "quantize_linear",
