@@ -7,6 +7,7 @@ import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.lrgptq)
 from .accumulate import Accumulator
+from .checkpoint import Saved, load, save
 from .config import QuantConfig
 from .eval import perplexity
 from .linear import QuantResult, quantize_linear
@@ -19,8 +20,11 @@ __all__ = [
     "QuantConfig",
     "QuantLinear",
     "QuantResult",
+    "Saved",
+    "load",
     "perplexity",
     "quantize_linear",
     "quantize_model",
+    "save",
 ]
 __version__ = "0.1.0"
