@@ -71,10 +71,13 @@ def test_round_trip_every_width_with_the_lrgptq_route(tmp_path, bits):
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-def test_default_float16_scales_round_the_grid_only(tmp_path):
+def test_default_float16_checkpoint_rounds_the_grid_only(tmp_path):
     model, report, ids = quantized(**ACT)
     lrgptq.save(model, report, tmp_path / "ckpt")
-    loaded = lrgptq.load(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["dtype"] == "float16"
+    assert lrgptq.load(tmp_path / "ckpt").model.embed_tokens.weight.dtype == torch.float16
+    loaded = lrgptq.load(tmp_path / "ckpt", dtype=torch.float32)  # float16 tensors, float32 compute
+    assert loaded.model.embed_tokens.weight.dtype == torch.float32
     for name, res in report.results.items():
         q = loaded.get_submodule(name)
         assert q.scales.dtype == torch.float16
@@ -82,7 +85,7 @@ def test_default_float16_scales_round_the_grid_only(tmp_path):
         expect = res.scales.half().float()[g].t() * (res.codes.float() - res.zeros[g].t())
         assert torch.equal(q.codes(), res.codes) and torch.equal(q.dequantize(), expect), name
     ref, out = logits(model, ids), logits(loaded, ids)
-    assert (out - ref).abs().max() <= 1e-2 * ref.abs().max()  # scales rounded to 11 bits
+    assert (out - ref).abs().max() <= 1e-2 * ref.abs().max()  # scales and embeddings rounded to 11 bits
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -291,7 +294,7 @@ MALFORMED = {
                      rf"{Q}\.scales must be float16, bfloat16 or float32"),
     "embedding shape": (_edit_tensors(lambda t: t.__setitem__("model.embed_tokens.weight",
                                                               t["model.embed_tokens.weight"][:-1].clone())),
-                        r"model\.embed_tokens\.weight is torch\.float32 \(95, 64\)"),
+                        r"model\.embed_tokens\.weight is torch\.float16 \(95, 64\)"),
     "g_idx out of range": (_edit_tensors(lambda t: t[f"{Q}.g_idx"].__setitem__(0, 99)), rf"{Q}\.g_idx holds groups"),
     "nan scales": (_edit_tensors(lambda t: t[f"{Q}.scales"].__setitem__((0, 0), float("nan"))), r"NaN or Inf"),
     "v1 zero field of ones": (_edit_tensors(lambda t: t[f"{Q}.qzeros"].fill_(-1)), r"holds the v1 field 15"),

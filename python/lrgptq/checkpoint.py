@@ -64,9 +64,10 @@ def save(
 
     ``checkpoint_format``: ``"auto"`` (v1 ``"gptq"``, which every reader takes, unless an
     asymmetric zero point is 0, which v1 cannot store: then ``"gptq_v2"`` with a warning),
-    ``"gptq"`` (ValueError if any z = 0) or ``"gptq_v2"``. ``dtype``: of scales and bias, float16
-    as the readers expect; float32 keeps the engine's scales exactly. ``max_shard_size``: bytes
-    per safetensors file. The model is not changed.
+    ``"gptq"`` (ValueError if any z = 0) or ``"gptq_v2"``. ``dtype``: the checkpoint's float
+    dtype (scales, biases and every tensor that is not quantized), float16 as the readers expect;
+    float32 keeps a float32 model and the engine's scales exactly. ``max_shard_size``: bytes per
+    safetensors file. The model is not changed.
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
@@ -74,9 +75,12 @@ def save(
     if not isinstance(max_shard_size, int) or max_shard_size < 1:
         raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
     prepared = gptq.prepare(model, report, checkpoint_format, dtype)
-    tensors = _tensors_to_save(model, prepared.modules)
+    tensors = _tensors_to_save(model, prepared.modules, dtype)
     cfg = config.to_dict()
     cfg["architectures"] = cfg.get("architectures") or [type(model).__name__]
+    for key in ("dtype", "torch_dtype"):  # transformers 5 reads "dtype", 4.x "torch_dtype"
+        if key == "dtype" or key in cfg:
+            cfg[key] = str(dtype).replace("torch.", "")
     cfg["quantization_config"] = prepared.quantization_config
     with _atomic_dir(out_dir) as tmp:
         files = _write_shards(tensors, tmp, max_shard_size)
@@ -95,9 +99,12 @@ def save(
     return Saved(Path(out_dir).absolute(), fmt, files, size, zero)
 
 
-def load(path: PathLike) -> nn.Module:
+def load(path: PathLike, dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Rebuilds the model saved in ``path``: the transformers architecture from config.json, its
-    quantized linears replaced by QuantLinear, every tensor loaded and checked."""
+    quantized linears replaced by QuantLinear, every tensor loaded and checked. ``dtype``: cast
+    the float tensors that are not quantized (e.g. torch.float32 to run a float16 checkpoint on
+    a CPU); None keeps the checkpoint's. QuantLinear computes in float32 whatever its scales'
+    dtype and returns its input's dtype."""
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"{root}: not a directory (a checkpoint is a directory with config.json)")
@@ -127,7 +134,10 @@ def load(path: PathLike) -> nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, module)
         rest = [k for k in files if k.rpartition(".")[0] not in quantized]
-        _load_rest(model, {k: read(k) for k in rest}, quantized, files)
+        tensors = {k: read(k) for k in rest}
+        if dtype is not None:
+            tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+        _load_rest(model, tensors, quantized, files)
     model.eval()
     return model
 
@@ -135,9 +145,10 @@ def load(path: PathLike) -> nn.Module:
 # ----------------------------------------------------------------------------- saving
 
 
-def _tensors_to_save(model: nn.Module, packed: Dict[str, nn.Module]) -> Dict[str, torch.Tensor]:
-    """The model's state less the quantized layers' float weights, plus their packed tensors.
-    A tied parameter (e.g. lm_head = embed_tokens) is written once; loaders re-tie it."""
+def _tensors_to_save(model: nn.Module, packed: Dict[str, nn.Module], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """The model's state less the quantized layers' float weights (the rest cast to ``dtype``),
+    plus their packed tensors. A tied parameter (e.g. lm_head = embed_tokens) is written once;
+    loaders re-tie it."""
     out: Dict[str, torch.Tensor] = {}
     seen = set()
     for key, t in model.state_dict().items():
@@ -147,7 +158,13 @@ def _tensors_to_save(model: nn.Module, packed: Dict[str, nn.Module]) -> Dict[str
         if ident in seen:
             continue
         seen.add(ident)
-        out[key] = t.detach().cpu().contiguous()
+        t = t.detach().cpu()
+        if t.is_floating_point() and t.dtype != dtype:
+            cast = t.to(dtype)
+            if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(t).all()):
+                raise ValueError(f"{key} overflows {dtype}; save with dtype=torch.float32 (or bfloat16)")
+            t = cast
+        out[key] = t.contiguous()
     for name, module in packed.items():
         for key, t in module.state_dict().items():
             out[f"{name}.{key}"] = t.contiguous()
