@@ -6,21 +6,22 @@
 //   z[g, n]: value n of row g's bit stream in qzeros, plus zero_offset (1 for the v1 format,
 //            which stores z − 1; 0 for gptq_v2, which stores z).
 //
-// The outputs are cut into tiles of kTileN columns, one task each (at::parallel_for). A task
-// turns its tile's scales and zero points into float tables once, then walks the inputs one
-// pack block at a time (32 inputs = `bits` words per column), never holding more than a
-// 32 × kTileN float panel (in L1):
+// The inputs are walked one pack block at a time (32 inputs = `bits` word rows of qweight, which
+// lie next to each other in memory); no more than a 32 × kPanelN float panel is ever held:
 //   - a block inside one group (no act-order, group_size a multiple of 32) factors the grid
 //     out: y += s · (x·q − z · Σx), so each weight costs an unpack, a convert and an FMA;
 //   - a block that mixes groups (act-order) or is partial dequantizes s · (q − z) per weight, in
 //     float32 as the engine does (bit for bit its weights), then y += x · panel.
+// Two schedules share these kernels. Few rows of x (decode): each thread takes a contiguous run
+// of blocks across all outputs, so it streams its part of qweight front to back, into a private
+// partial y; the partials are summed in a fixed order (deterministic for a given thread count).
+// Many rows: each thread takes tiles of kTileN outputs through all blocks (no partials).
 // The result equals x · Wᵀ to float32 rounding of the sums, not bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -37,26 +38,27 @@
 namespace lrgptq {
 namespace {
 
-constexpr int64_t kTileN = 256;   // output columns per task: 1 KiB runs of each word row
+constexpr int64_t kBlockK = 32;   // inputs per pack block: `bits` whole words for every width
 constexpr int64_t kPanelN = 64;   // columns of a float panel: 32 × 64 floats = 8 KiB, in L1
-constexpr int64_t kBlockK = 32;  // inputs per pack block: `bits` whole words for every width
+constexpr int64_t kTileN = 256;   // outputs per task in the many-rows schedule
+constexpr int64_t kSplitRows = 8; // up to this many rows of x, threads split the blocks
+constexpr int kChains = 4;        // independent sums per output: a 32-term chain of FMAs would
+                                  // wait on the FMA latency, not on memory
 
 struct QLayer {
-  const float* x;        // (M, d) row-major
-  float* y;              // (M, d_out) row-major
-  const int32_t* qw;     // (words(d), d_out)
-  const int32_t* qz;     // (G, words(d_out))
-  const float* scales;   // (G, d_out), float32
-  const int32_t* g_idx;  // (d)
-  const int32_t* block_group;  // per pack block: its one group, or −1 (act-order mix or partial block)
-  const float* xsum;     // (blocks, M): Σ of x over each block's inputs, for the uniform-block form
-  int64_t M, d, d_out, G, zwords, bits;
-  float zero_offset;
+  const float* x;              // (M, d) row-major
+  const int32_t* qw;           // (words(d), d_out)
+  const float* S;              // (G, d_out) scales, float32
+  const float* Z;              // (G, d_out) zero points z, float32
+  const int32_t* g_idx;        // (d)
+  const int32_t* block_group;  // per whole block: its one group, or −1 (act-order mix)
+  const float* xsum;           // (blocks, M): Σ of x over each block's inputs
+  int64_t M, d, d_out;
 };
 
-// Code of input k of a pack block, for the tile's column n: value k of the column's stream in
-// the block's BITS word rows (words = the first row, ld = the row stride). Inside the loops
-// below k is a constant (the k loops are fully unrolled), so the word row and shift are too.
+// Code of input k of a pack block, for column n: value k of the column's stream in the block's
+// BITS word rows (words = the first row, ld = the row stride). Inside the loops below k is a
+// constant (the k loops are fully unrolled), so the word row and the shift are too.
 template <int BITS>
 inline __attribute__((always_inline)) float code_at(const uint32_t* __restrict words, int64_t ld, int64_t k,
                                                    int64_t n) {
@@ -67,27 +69,26 @@ inline __attribute__((always_inline)) float code_at(const uint32_t* __restrict w
   return static_cast<float>(static_cast<int32_t>(v & kMask));
 }
 
-// The tile's columns of a pack block's first word row.
-inline const uint32_t* block_words(const QLayer& L, int64_t blk, int64_t bits, int64_t n0) {
-  return reinterpret_cast<const uint32_t*>(L.qw + blk * bits * L.d_out + n0);
+inline const uint32_t* block_words(const QLayer& L, int64_t blk, int64_t bits) {
+  return reinterpret_cast<const uint32_t*>(L.qw + blk * bits * L.d_out);
 }
 
 // Panel rows k = 0..KC−1 (inputs blk·32 + k) of the columns [n0, n0 + nc), nc <= kPanelN.
-// WEIGHTS: the dequantized weight S[g_k][n] · (q − Z[g_k][n]) (S, Z: this panel's columns of
-// the tile's tables); otherwise the code q alone (uniform blocks). KC = 0: runtime kc (the last,
-// partial block). The n loop is the vector loop.
+// WEIGHTS: the dequantized weight S[g_k][n] · (q − Z[g_k][n]); otherwise the code q alone
+// (uniform blocks). KC = 0: runtime kc (the last, partial block). The n loop is the vector loop.
 template <int BITS, int KC, bool WEIGHTS>
 inline __attribute__((always_inline)) void fill_panel(const QLayer& L, int64_t blk, int64_t kc_, int64_t n0,
-                                                      int64_t nc, const float* __restrict S,
-                                                      const float* __restrict Z, float* __restrict panel) {
+                                                      int64_t nc, float* __restrict panel) {
   const int64_t kc = KC ? KC : kc_;
-  const uint32_t* __restrict words = block_words(L, blk, BITS, n0);
+  const uint32_t* __restrict words = block_words(L, blk, BITS) + n0;
   const int32_t* __restrict gi = L.g_idx + blk * kBlockK;
+  const float* __restrict S = L.S + n0;
+  const float* __restrict Z = L.Z + n0;
   for (int64_t n = 0; n < nc; ++n) {
 #pragma GCC unroll 32
     for (int64_t k = 0; k < kc; ++k) {
       const float q = code_at<BITS>(words, L.d_out, k, n);
-      panel[k * kPanelN + n] = WEIGHTS ? S[gi[k] * kTileN + n] * (q - Z[gi[k] * kTileN + n]) : q;
+      panel[k * kPanelN + n] = WEIGHTS ? S[gi[k] * L.d_out + n] * (q - Z[gi[k] * L.d_out + n]) : q;
     }
   }
 }
@@ -98,93 +99,112 @@ inline __attribute__((always_inline)) void row_times_panel(const float* __restri
                                                            const float* __restrict panel, float* __restrict acc) {
   const int64_t kc = KC ? KC : kc_;
   for (int64_t n = 0; n < nc; ++n) {
-    float a = ADD ? acc[n] : 0.0f;
+    float a[kChains] = {};
 #pragma GCC unroll 32
-    for (int64_t k = 0; k < kc; ++k) a += xb[k] * panel[k * kPanelN + n];
-    acc[n] = a;
+    for (int64_t k = 0; k < kc; ++k) a[k % kChains] += xb[k] * panel[k * kPanelN + n];
+    acc[n] = (ADD ? acc[n] : 0.0f) + ((a[0] + a[1]) + (a[2] + a[3]));
   }
 }
 
-// A block whose inputs mix groups (act-order), or a partial block: y += x · (weight panel),
-// one panel of kPanelN columns at a time.
-template <int BITS, int KC>
-inline __attribute__((always_inline)) void mixed_block(const QLayer& L, int64_t blk, int64_t kc, int64_t n0,
-                                                       int64_t nt, const float* S, const float* Z, float* panel) {
-  for (int64_t c0 = 0; c0 < nt; c0 += kPanelN) {
-    const int64_t nc = std::min(kPanelN, nt - c0);
-    fill_panel<BITS, KC, true>(L, blk, kc, n0 + c0, nc, S + c0, Z + c0, panel);
-    for (int64_t b = 0; b < L.M; ++b)
-      row_times_panel<KC, true>(L.x + b * L.d + blk * kBlockK, kc, nc, panel, L.y + b * L.d_out + n0 + c0);
-  }
-}
-
-// A whole block inside one group g (no act-order): the scale and zero point factor out,
-//   Σ_k x_k · s (q_k − z) = s · (Σ_k x_k q_k − z · Σ_k x_k),
-// so each weight costs an unpack, a convert and a multiply-add. One row (decode) reads the
-// codes straight from the words; more rows share panels of codes.
+// y[:, n0 : n1] (row stride ldy, y pointing at column n0) += the contribution of block blk.
 template <int BITS>
-inline __attribute__((always_inline)) void uniform_block(const QLayer& L, int64_t blk, int64_t g, int64_t n0,
-                                                         int64_t nt, const float* S, const float* Z, float* panel) {
-  if (L.M == 1) {
-    const uint32_t* __restrict words = block_words(L, blk, BITS, n0);
-    const float* __restrict xb = L.x + blk * kBlockK;
-    const float* __restrict s = S + g * kTileN;
-    const float* __restrict z = Z + g * kTileN;
+inline __attribute__((always_inline)) void block_into(const QLayer& L, int64_t blk, int64_t n0, int64_t n1,
+                                                      float* y, int64_t ldy, float* panel) {
+  const int64_t kc = std::min(kBlockK, L.d - blk * kBlockK);
+  const int32_t g = kc == kBlockK ? L.block_group[blk] : -1;
+  const float* x = L.x + blk * kBlockK;
+  if (g >= 0 && L.M == 1) {  // decode: codes straight from the words, scale and zero factored out
+    const uint32_t* __restrict words = block_words(L, blk, BITS);
+    const float* __restrict s = L.S + g * L.d_out;
+    const float* __restrict z = L.Z + g * L.d_out;
     const float xs = L.xsum[blk];
-    float* __restrict y = L.y + n0;
-    for (int64_t n = 0; n < nt; ++n) {
-      float a = 0.0f;
+    float* __restrict yb = y - n0;
+    for (int64_t n = n0; n < n1; ++n) {
+      float a[kChains] = {};
 #pragma GCC unroll 32
-      for (int64_t k = 0; k < kBlockK; ++k) a += xb[k] * code_at<BITS>(words, L.d_out, k, n);
-      y[n] += s[n] * (a - z[n] * xs);
+      for (int64_t k = 0; k < kBlockK; ++k) a[k % kChains] += x[k] * code_at<BITS>(words, L.d_out, k, n);
+      yb[n] += s[n] * (((a[0] + a[1]) + (a[2] + a[3])) - z[n] * xs);
     }
     return;
   }
-  for (int64_t c0 = 0; c0 < nt; c0 += kPanelN) {
-    const int64_t nc = std::min(kPanelN, nt - c0);
-    const float* __restrict s = S + g * kTileN + c0;
-    const float* __restrict z = Z + g * kTileN + c0;
-    fill_panel<BITS, kBlockK, false>(L, blk, kBlockK, n0 + c0, nc, S, Z, panel);
-    for (int64_t b = 0; b < L.M; ++b) {
-      float acc[kPanelN];
-      row_times_panel<kBlockK, false>(L.x + b * L.d + blk * kBlockK, kBlockK, nc, panel, acc);
-      const float xs = L.xsum[blk * L.M + b];
-      float* __restrict yb = L.y + b * L.d_out + n0 + c0;
-      for (int64_t n = 0; n < nc; ++n) yb[n] += s[n] * (acc[n] - z[n] * xs);
+  for (int64_t c0 = n0; c0 < n1; c0 += kPanelN) {
+    const int64_t nc = std::min(kPanelN, n1 - c0);
+    float* yc = y + (c0 - n0);
+    if (g >= 0) {  // one group: a panel of codes shared by the rows, y += s · (x·q − z · Σx)
+      fill_panel<BITS, kBlockK, false>(L, blk, kBlockK, c0, nc, panel);
+      const float* __restrict s = L.S + g * L.d_out + c0;
+      const float* __restrict z = L.Z + g * L.d_out + c0;
+      for (int64_t b = 0; b < L.M; ++b) {
+        float acc[kPanelN];
+        row_times_panel<kBlockK, false>(x + b * L.d, kBlockK, nc, panel, acc);
+        const float xs = L.xsum[blk * L.M + b];
+        float* __restrict yb = yc + b * ldy;
+        for (int64_t n = 0; n < nc; ++n) yb[n] += s[n] * (acc[n] - z[n] * xs);
+      }
+    } else if (kc == kBlockK) {  // act-order: a panel of dequantized weights
+      fill_panel<BITS, kBlockK, true>(L, blk, kBlockK, c0, nc, panel);
+      for (int64_t b = 0; b < L.M; ++b) row_times_panel<kBlockK, true>(x + b * L.d, kBlockK, nc, panel, yc + b * ldy);
+    } else {  // the last block, shorter than 32 inputs
+      fill_panel<BITS, 0, true>(L, blk, kc, c0, nc, panel);
+      for (int64_t b = 0; b < L.M; ++b) row_times_panel<0, true>(x + b * L.d, kc, nc, panel, yc + b * ldy);
     }
   }
 }
 
+// Blocks [b0, b1) into the columns [n0, n1) of y (row stride ldy, y pointing at column n0).
+LRGPTQ_CLONES void run_blocks(const QLayer& L, int64_t bits, int64_t b0, int64_t b1, int64_t n0, int64_t n1,
+                              float* y, int64_t ldy, float* panel) {
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    // Ask for the next block's words while this one computes: a decode step is one pass over
+    // qweight, and the hardware prefetcher alone leaves it waiting on DRAM (measured ~2x).
+    if (blk + 1 < b1) {
+      const int32_t* next = L.qw + (blk + 1) * bits * L.d_out;
+      for (int64_t w = 0; w < bits; ++w)
+        for (int64_t n = n0; n < n1; n += 16) __builtin_prefetch(next + w * L.d_out + n);
+    }
+    switch (bits) {
+      case 2: block_into<2>(L, blk, n0, n1, y, ldy, panel); break;
+      case 3: block_into<3>(L, blk, n0, n1, y, ldy, panel); break;
+      case 4: block_into<4>(L, blk, n0, n1, y, ldy, panel); break;
+      default: block_into<8>(L, blk, n0, n1, y, ldy, panel); break;
+    }
+  }
+}
+
+// Rows [g0, g1) of Z[g][n] = the stored zero point + zero_offset, as float. Row g of qzeros is
+// a stream over the outputs; for 2, 4 and 8 bits each word holds 32/bits whole values.
 template <int BITS>
-inline __attribute__((always_inline)) void tile_body(const QLayer& L, int64_t n0, int64_t nt, const float* S,
-                                                     const float* Z, float* panel) {
-  const int64_t full = L.d / kBlockK;
-  for (int64_t blk = 0; blk < full; ++blk) {
-    const int32_t g = L.block_group[blk];
-    if (g >= 0)
-      uniform_block<BITS>(L, blk, g, n0, nt, S, Z, panel);
-    else
-      mixed_block<BITS, kBlockK>(L, blk, kBlockK, n0, nt, S, Z, panel);
+inline __attribute__((always_inline)) void zero_row(const int32_t* qz, int64_t d_out, float offset, float* z) {
+  constexpr int64_t kPer = 32 / BITS;
+  constexpr uint32_t kMask = (1u << BITS) - 1;
+  const int64_t whole = BITS == 3 ? 0 : d_out / kPer;
+  for (int64_t w = 0; w < whole; ++w) {
+    const uint32_t word = static_cast<uint32_t>(qz[w]);
+#pragma GCC unroll 16
+    for (int64_t j = 0; j < kPer; ++j) z[w * kPer + j] = static_cast<float>((word >> (BITS * j)) & kMask) + offset;
   }
-  if (const int64_t kc = L.d - full * kBlockK; kc > 0)  // the last block may be partial
-    mixed_block<BITS, 0>(L, full, kc, n0, nt, S, Z, panel);
+  for (int64_t n = whole * kPer; n < d_out; ++n) z[n] = static_cast<float>(stream_get(qz, 1, n, BITS)) + offset;
 }
 
-// One output tile [n0, n0 + nt): float tables of its scales and zero points, then the blocks.
-LRGPTQ_CLONES void qmatmul_tile(const QLayer& L, int64_t n0, int64_t nt, float* S, float* Z, float* panel) {
-  for (int64_t g = 0; g < L.G; ++g) {
-    const int32_t* zrow = L.qz + g * L.zwords;  // row g of qzeros: a stream along the outputs
-    for (int64_t n = 0; n < nt; ++n) {
-      S[g * kTileN + n] = L.scales[g * L.d_out + n0 + n];
-      Z[g * kTileN + n] = static_cast<float>(stream_get(zrow, 1, n0 + n, L.bits)) + L.zero_offset;
+LRGPTQ_CLONES void zero_rows(const int32_t* qz, int64_t zw, int64_t d_out, int64_t bits, float offset, int64_t g0,
+                             int64_t g1, float* z) {
+  for (int64_t g = g0; g < g1; ++g) {
+    switch (bits) {
+      case 2: zero_row<2>(qz + g * zw, d_out, offset, z + g * d_out); break;
+      case 3: zero_row<3>(qz + g * zw, d_out, offset, z + g * d_out); break;
+      case 4: zero_row<4>(qz + g * zw, d_out, offset, z + g * d_out); break;
+      default: zero_row<8>(qz + g * zw, d_out, offset, z + g * d_out); break;
     }
   }
-  switch (L.bits) {
-    case 2: tile_body<2>(L, n0, nt, S, Z, panel); break;
-    case 3: tile_body<3>(L, n0, nt, S, Z, panel); break;
-    case 4: tile_body<4>(L, n0, nt, S, Z, panel); break;
-    default: tile_body<8>(L, n0, nt, S, Z, panel); break;
-  }
+}
+
+at::Tensor zero_points(const at::Tensor& qzeros, int64_t bits, int64_t d_out, int64_t zero_offset) {
+  at::Tensor Z = at::empty({qzeros.size(0), d_out}, qzeros.options().dtype(at::kFloat));
+  at::parallel_for(0, qzeros.size(0), 1, [&](int64_t g0, int64_t g1) {
+    zero_rows(qzeros.data_ptr<int32_t>(), qzeros.size(1), d_out, bits, static_cast<float>(zero_offset), g0, g1,
+              Z.data_ptr<float>());
+  });
+  return Z;
 }
 
 void check_layer(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros, const at::Tensor& scales,
@@ -228,31 +248,46 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   check_layer(x, qweight, qzeros, scales, g_idx, bits, zero_offset, bias);
   const int64_t d = x.size(-1), d_out = scales.size(1);
   at::Tensor X = x.reshape({-1, d}).to(at::kFloat).contiguous();
-  at::Tensor Y = at::zeros({X.size(0), d_out}, X.options());
-  at::Tensor S32 = scales.to(at::kFloat).contiguous();
-  at::Tensor qw = qweight.contiguous(), qz = qzeros.contiguous(), gi = g_idx.contiguous();
-  // Blocks of 32 inputs that lie in one group take the factored form (uniform_block); they need
-  // the sums of x over each block.
-  const int64_t full = d / kBlockK;
+  const int64_t M = X.size(0);
+  at::Tensor Y = at::zeros({M, d_out}, X.options());
+  at::Tensor S = scales.to(at::kFloat).contiguous();
+  at::Tensor Z = zero_points(qzeros.contiguous(), bits, d_out, zero_offset);
+  at::Tensor qw = qweight.contiguous(), gi = g_idx.contiguous();
+  // Whole blocks of 32 inputs inside one group take the factored form; they need Σ x per block.
+  const int64_t full = d / kBlockK, blocks = (d + kBlockK - 1) / kBlockK;
   at::Tensor block_group = at::full({full}, -1, gi.options());
   if (full > 0) {
     at::Tensor gb = gi.narrow(0, 0, full * kBlockK).view({full, kBlockK});
     at::Tensor first = gb.select(1, 0);
     block_group = at::where((gb == first.unsqueeze(1)).all(1), first, block_group).contiguous();
   }
-  at::Tensor xsum = full > 0 ? X.narrow(1, 0, full * kBlockK).view({X.size(0), full, kBlockK}).sum(2).t().contiguous()
-                             : at::zeros({0}, X.options());
-  const QLayer L{X.data_ptr<float>(), Y.data_ptr<float>(), qw.data_ptr<int32_t>(), qz.data_ptr<int32_t>(),
-                 S32.data_ptr<float>(), gi.data_ptr<int32_t>(), block_group.data_ptr<int32_t>(),
-                 xsum.data_ptr<float>(), X.size(0), d, d_out, scales.size(0), qzeros.size(1), bits,
-                 static_cast<float>(zero_offset)};
-  const int64_t tiles = (d_out + kTileN - 1) / kTileN;
-  if (L.M > 0 && d > 0)
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> S(L.G * kTileN), Z(L.G * kTileN), panel(kBlockK * kPanelN);
-      for (int64_t t = t0; t < t1; ++t)
-        qmatmul_tile(L, t * kTileN, std::min(kTileN, d_out - t * kTileN), S.data(), Z.data(), panel.data());
-    });
+  at::Tensor xsum = full > 0 ? X.narrow(1, 0, full * kBlockK).view({M, full, kBlockK}).sum(2).t().contiguous()
+                             : at::zeros({1}, X.options());
+  const QLayer L{X.data_ptr<float>(), qw.data_ptr<int32_t>(), S.data_ptr<float>(), Z.data_ptr<float>(),
+                 gi.data_ptr<int32_t>(), block_group.data_ptr<int32_t>(), xsum.data_ptr<float>(), M, d, d_out};
+  float* y = Y.data_ptr<float>();
+  if (M > 0 && d > 0 && d_out > 0) {
+    const int64_t parts = std::min<int64_t>(at::get_num_threads(), blocks);
+    if (M <= kSplitRows && parts > 1) {  // threads split the blocks: contiguous streams of qweight
+      at::Tensor partial = at::zeros({parts - 1, M, d_out}, X.options());
+      at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+        std::vector<float> panel(kBlockK * kPanelN);
+        for (int64_t p = p0; p < p1; ++p) {
+          float* yp = p == 0 ? y : partial.data_ptr<float>() + (p - 1) * M * d_out;
+          run_blocks(L, bits, blocks * p / parts, blocks * (p + 1) / parts, 0, d_out, yp, d_out, panel.data());
+        }
+      });
+      Y.add_(partial.sum(0));  // a fixed order: the same result for the same thread count
+    } else {  // threads split the outputs
+      at::parallel_for(0, (d_out + kTileN - 1) / kTileN, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<float> panel(kBlockK * kPanelN);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t n0 = t * kTileN, n1 = std::min(d_out, n0 + kTileN);
+          run_blocks(L, bits, 0, blocks, n0, n1, y + n0, d_out, panel.data());
+        }
+      });
+    }
+  }
   if (bias.has_value()) Y.add_(bias->to(at::kFloat));
   auto out_sizes = x.sizes().vec();
   out_sizes.back() = d_out;
