@@ -8,7 +8,7 @@ GB/s is the layer's bytes (fp32 weight; qweight + qzeros + scales + g_idx) over 
 call, set against the machine's copy bandwidth (a large tensor copy: bytes read + written).
 
     python bench/qmatmul.py                   # all threads, then 1 thread
-    python bench/qmatmul.py --sizes-only      # checkpoint sizes only
+    python bench/qmatmul.py --sizes-only      # checkpoint sizes and the demo model only
 
 OMP_WAIT_POLICY defaults to PASSIVE here: on a machine shared with other jobs, OpenMP workers
 that spin while waiting steal the CPU from the ones working (measured: 2 threads 20x slower).
@@ -108,33 +108,59 @@ def dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
 
 
-def size_rows() -> List[list]:
-    """Checkpoint size vs float16, for a tiny random Llama and (if cached) the demo model."""
+def size_row(label: str, model, report, tmp: str) -> list:
+    lrgptq.save(model, report, os.path.join(tmp, "q"))
+    q = dir_bytes(os.path.join(tmp, "q"))
+    model.half().save_pretrained(os.path.join(tmp, "fp16"))
+    model.float()
+    f = dir_bytes(os.path.join(tmp, "fp16"))
+    n_q = sum(r.codes.numel() for r in report.results.values())
+    n_all = sum(p.numel() for p in model.parameters())
+    return [label, f"{n_q / n_all:.0%}", f"{f / 2**20:.1f} MiB", f"{q / 2**20:.1f} MiB", f"{f / q:.2f}x"]
+
+
+def tiny_size_row() -> list:
     import transformers
 
-    models = []
     cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2)
-    models.append(("tiny Llama (random, 2 layers, hidden 256)", transformers.LlamaForCausalLM(cfg).eval()))
-    try:
-        from lrgptq.data import load_demo_model
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    report = lrgptq.quantize_model(model, torch.zeros(1, 8, dtype=torch.long),
+                                   lrgptq.QuantConfig(bits=BITS, group_size=GROUP, route="rtn"), progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        return size_row("tiny Llama (random, 2 layers, hidden 256)", model, report, tmp)
 
-        models.append(("SmolLM2-135M (demo model)", load_demo_model()[0]))
-    except Exception as err:  # noqa: BLE001  (the demo model is optional here)
-        print(f"- demo model not available ({type(err).__name__}: {err}); sizes for the tiny model only")
-    rows = []
-    for label, model in models:
-        report = lrgptq.quantize_model(model, torch.zeros(1, 8, dtype=torch.long),
-                                       lrgptq.QuantConfig(bits=BITS, group_size=GROUP, route="rtn"), progress=False)
-        with tempfile.TemporaryDirectory() as tmp:
-            lrgptq.save(model, report, os.path.join(tmp, "q"))
-            q = dir_bytes(os.path.join(tmp, "q"))
-            model.half().save_pretrained(os.path.join(tmp, "fp16"))
-            f = dir_bytes(os.path.join(tmp, "fp16"))
-        n_q = sum(r.codes.numel() for r in report.results.values())
-        n_all = sum(p.numel() for p in model.parameters())
-        rows.append([label, f"{n_q / n_all:.0%}", f"{f / 2**20:.1f} MiB", f"{q / 2**20:.1f} MiB", f"{f / q:.2f}x"])
-    return rows
+
+def demo_section(nsamples: int, window: int, windows: int) -> Tuple[list, List[list]]:
+    """The demo model quantized (GPTQ, act-order), saved, loaded back with QuantLinear: size,
+    perplexity in memory vs from the checkpoint, forward times."""
+    from lrgptq.calib import text_windows
+    from lrgptq.data import CALIB_BOOK, EVAL_BOOK, austen_books, load_demo_model
+
+    books = austen_books()
+    model, tok = load_demo_model()
+    eval_ids = tok(books[EVAL_BOOK], return_tensors="pt")["input_ids"]
+    calib = text_windows(books[CALIB_BOOK], tok, nsamples, window, 0)
+    one = eval_ids[:, :1]
+
+    def fwd_time(m, ids):
+        with torch.no_grad():
+            return median(time_it(lambda: m(ids), runs=5))
+
+    rows = [["fp32", f"{lrgptq.perplexity(model, eval_ids, window, windows):.3f}",
+             fmt_s(fwd_time(model, one)), fmt_s(fwd_time(model, eval_ids[:, :window]))]]
+    cfg = lrgptq.QuantConfig.for_method("gptq", bits=BITS, group_size=GROUP, order="act")
+    report = lrgptq.quantize_model(model, calib, cfg, progress=False)
+    rows.append([f"GPTQ {BITS}-bit g{GROUP} act-order, in memory (float weights)",
+                 f"{lrgptq.perplexity(model, eval_ids, window, windows):.3f}",
+                 fmt_s(fwd_time(model, one)), fmt_s(fwd_time(model, eval_ids[:, :window]))])
+    with tempfile.TemporaryDirectory() as tmp:
+        size = size_row("SmolLM2-135M (demo model, GPTQ act-order)", model, report, tmp)
+        loaded = lrgptq.load(os.path.join(tmp, "q"), dtype=torch.float32)
+    rows.append(["same, saved (float16 checkpoint) and loaded: QuantLinear + qmatmul",
+                 f"{lrgptq.perplexity(loaded, eval_ids, window, windows):.3f}",
+                 fmt_s(fwd_time(loaded, one)), fmt_s(fwd_time(loaded, eval_ids[:, :window]))])
+    return size, rows
 
 
 def main() -> None:
@@ -142,7 +168,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="*", default=None, help="thread counts (default: all, then 1)")
     ap.add_argument("--cold-mib", type=int, default=None, help="working set per timed pass (default 2x L3, >= 1 GiB)")
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--sizes-only", action="store_true")
+    ap.add_argument("--sizes-only", action="store_true", help="skip the matmul timings")
+    ap.add_argument("--nsamples", type=int, default=16, help="demo model: calibration windows")
+    ap.add_argument("--window", type=int, default=512, help="demo model: tokens per window")
+    ap.add_argument("--windows", type=int, default=8, help="demo model: perplexity windows")
     args = ap.parse_args()
     cold = (args.cold_mib * 2**20) if args.cold_mib else max(2 * l3_bytes(), 2**30)
     threads = args.threads or sorted({os.cpu_count() or 1, 1}, reverse=True)
@@ -160,8 +189,20 @@ def main() -> None:
             table(["layer (out x in)", "batch", "fp32 time", "fp32 tok/s", "fp32 GB/s", "q4 time", "q4 tok/s",
                    "q4 GB/s (% of copy)", "q4 speed-up", "warm fp32 / q4"],
                   matmul_rows(cold, args.runs, copy_gbs))
-    print("\n## Checkpoint size (4-bit g128, float16 scales and unquantized tensors) vs float16\n")
-    table(["model", "params quantized", "float16", "lrgptq 4-bit", "ratio"], size_rows())
+    sizes = [tiny_size_row()]
+    demo = None
+    try:
+        size, demo = demo_section(args.nsamples, args.window, args.windows)
+        sizes.append(size)
+    except Exception as err:  # noqa: BLE001  (the demo model is optional here)
+        print(f"\n- demo model not measured ({type(err).__name__}: {err})")
+    print(f"\n## Checkpoint size ({BITS}-bit g{GROUP}, float16 scales and unquantized tensors) vs float16\n")
+    table(["model", "params quantized", "float16", f"lrgptq {BITS}-bit", "ratio"], sizes)
+    if demo is not None:
+        print(f"\n## Demo model through a checkpoint: perplexity on Persuasion ({args.windows} windows of "
+              f"{args.window} tokens), calibration {args.nsamples}x{args.window} tokens of Emma; "
+              f"{torch.get_num_threads()} thread(s)\n")
+        table(["model", "perplexity", "forward, 1 token", f"forward, {args.window} tokens"], demo)
     footer()
 
 

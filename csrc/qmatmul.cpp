@@ -15,7 +15,9 @@
 // Two schedules share these kernels. Few rows of x (decode): each thread takes a contiguous run
 // of blocks across all outputs, so it streams its part of qweight front to back, into a private
 // partial y; the partials are summed in a fixed order (deterministic for a given thread count).
-// Many rows: each thread takes tiles of kTileN outputs through all blocks (no partials).
+// Some rows: each thread takes tiles of kTileN outputs through all blocks (no partials). Many
+// rows (prefill): compute is what counts, so each thread dequantizes a strip of outputs (1 MiB
+// of floats, never the whole weight) and multiplies it with the BLAS GEMM.
 // The result equals x · Wᵀ to float32 rounding of the sums, not bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -42,6 +44,8 @@ constexpr int64_t kBlockK = 32;   // inputs per pack block: `bits` whole words f
 constexpr int64_t kPanelN = 64;   // columns of a float panel: 32 × 64 floats = 8 KiB, in L1
 constexpr int64_t kTileN = 256;   // outputs per task in the many-rows schedule
 constexpr int64_t kSplitRows = 8; // up to this many rows of x, threads split the blocks
+constexpr int64_t kGemmRows = 32; // from this many rows, dequantized strips go to the BLAS GEMM
+constexpr int64_t kStripBytes = 1 << 20;  // a strip of float weights: 1 MiB, in L2
 constexpr int kChains = 4;        // independent sums per output: a 32-term chain of FMAs would
                                   // wait on the FMA latency, not on memory
 
@@ -73,12 +77,12 @@ inline const uint32_t* block_words(const QLayer& L, int64_t blk, int64_t bits) {
   return reinterpret_cast<const uint32_t*>(L.qw + blk * bits * L.d_out);
 }
 
-// Panel rows k = 0..KC−1 (inputs blk·32 + k) of the columns [n0, n0 + nc), nc <= kPanelN.
+// Panel rows k = 0..KC−1 (inputs blk·32 + k) of the columns [n0, n0 + nc), rows ldp apart.
 // WEIGHTS: the dequantized weight S[g_k][n] · (q − Z[g_k][n]); otherwise the code q alone
 // (uniform blocks). KC = 0: runtime kc (the last, partial block). The n loop is the vector loop.
 template <int BITS, int KC, bool WEIGHTS>
 inline __attribute__((always_inline)) void fill_panel(const QLayer& L, int64_t blk, int64_t kc_, int64_t n0,
-                                                      int64_t nc, float* __restrict panel) {
+                                                      int64_t nc, float* __restrict panel, int64_t ldp = kPanelN) {
   const int64_t kc = KC ? KC : kc_;
   const uint32_t* __restrict words = block_words(L, blk, BITS) + n0;
   const int32_t* __restrict gi = L.g_idx + blk * kBlockK;
@@ -88,7 +92,7 @@ inline __attribute__((always_inline)) void fill_panel(const QLayer& L, int64_t b
 #pragma GCC unroll 32
     for (int64_t k = 0; k < kc; ++k) {
       const float q = code_at<BITS>(words, L.d_out, k, n);
-      panel[k * kPanelN + n] = WEIGHTS ? S[gi[k] * L.d_out + n] * (q - Z[gi[k] * L.d_out + n]) : q;
+      panel[k * ldp + n] = WEIGHTS ? S[gi[k] * L.d_out + n] * (q - Z[gi[k] * L.d_out + n]) : q;
     }
   }
 }
@@ -167,6 +171,31 @@ LRGPTQ_CLONES void run_blocks(const QLayer& L, int64_t bits, int64_t b0, int64_t
       case 3: block_into<3>(L, blk, n0, n1, y, ldy, panel); break;
       case 4: block_into<4>(L, blk, n0, n1, y, ldy, panel); break;
       default: block_into<8>(L, blk, n0, n1, y, ldy, panel); break;
+    }
+  }
+}
+
+// The dequantized weights of the columns [n0, n0 + nc), all inputs: W (d, nc) row-major, as the
+// engine computes them (s · (q − z) in float32), for a GEMM when x has many rows.
+LRGPTQ_CLONES void dequant_strip(const QLayer& L, int64_t bits, int64_t n0, int64_t nc, float* W) {
+  const int64_t full = L.d / kBlockK;
+  for (int64_t blk = 0; blk <= full; ++blk) {
+    const int64_t kc = std::min(kBlockK, L.d - blk * kBlockK);
+    float* panel = W + blk * kBlockK * nc;
+    if (kc == kBlockK) {
+      switch (bits) {
+        case 2: fill_panel<2, kBlockK, true>(L, blk, kc, n0, nc, panel, nc); break;
+        case 3: fill_panel<3, kBlockK, true>(L, blk, kc, n0, nc, panel, nc); break;
+        case 4: fill_panel<4, kBlockK, true>(L, blk, kc, n0, nc, panel, nc); break;
+        default: fill_panel<8, kBlockK, true>(L, blk, kc, n0, nc, panel, nc); break;
+      }
+    } else if (kc > 0) {
+      switch (bits) {
+        case 2: fill_panel<2, 0, true>(L, blk, kc, n0, nc, panel, nc); break;
+        case 3: fill_panel<3, 0, true>(L, blk, kc, n0, nc, panel, nc); break;
+        case 4: fill_panel<4, 0, true>(L, blk, kc, n0, nc, panel, nc); break;
+        default: fill_panel<8, 0, true>(L, blk, kc, n0, nc, panel, nc); break;
+      }
     }
   }
 }
@@ -278,6 +307,16 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
         }
       });
       Y.add_(partial.sum(0));  // a fixed order: the same result for the same thread count
+    } else if (M >= kGemmRows) {  // many rows: dequantize a strip of outputs, then one GEMM
+      const int64_t strip = std::max<int64_t>(kPanelN, (kStripBytes / 4 / d) / kPanelN * kPanelN);
+      at::parallel_for(0, (d_out + strip - 1) / strip, 1, [&](int64_t t0, int64_t t1) {
+        at::Tensor W = at::empty({d * strip}, X.options());
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t n0 = t * strip, nc = std::min(strip, d_out - n0);
+          dequant_strip(L, bits, n0, nc, W.data_ptr<float>());
+          Y.narrow(1, n0, nc).copy_(at::mm(X, W.narrow(0, 0, d * nc).view({d, nc})));
+        }
+      });
     } else {  // threads split the outputs
       at::parallel_for(0, (d_out + kTileN - 1) / kTileN, 1, [&](int64_t t0, int64_t t1) {
         std::vector<float> panel(kBlockK * kPanelN);

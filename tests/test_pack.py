@@ -107,7 +107,9 @@ CASES = [  # d, d_out, group_size, act_order
 def test_qmatmul_equals_the_documented_dequantization(gen, bits, d, d_out, group_size, act_order):
     qweight, qzeros, scales, g_idx, W = _layer(gen, bits, d, d_out, group_size, act_order)
     bias = torch.randn(d_out, generator=gen)
-    for shape in ((1, d), (3, d), (2, 5, d)):
+    # 1 row (decode), 3 rows (threads split the blocks), 10 rows (threads split the outputs),
+    # 40 rows (dequantized strips through the BLAS GEMM).
+    for shape in ((1, d), (3, d), (2, 5, d), (4, 10, d)):
         x = torch.randn(*shape, generator=gen)
         y = ops().qmatmul(x, qweight, qzeros, scales, g_idx, bits, 1, bias)
         assert y.shape == shape[:-1] + (d_out,) and y.dtype == torch.float32
