@@ -4,6 +4,7 @@ Buffers, as the GPTQ readers name and shape them (DESIGN §9):
 ``qweight`` int32 (ceil(in·bits/32), out), ``qzeros`` int32 (groups, ceil(out·bits/32)),
 ``scales`` (groups, out), ``g_idx`` int32 (in), ``bias`` (out) or None. The forward pass calls
 ``torch.ops.lrgptq.qmatmul``, which dequantizes tile by tile and never holds the float weight.
+Inference only: the op has no backward.
 """
 
 from __future__ import annotations
