@@ -42,12 +42,12 @@ namespace {
 
 constexpr int64_t kBlockK = 32;   // inputs per pack block: `bits` whole words for every width
 constexpr int64_t kPanelN = 64;   // columns of a float panel: 32 × 64 floats = 8 KiB, in L1
-constexpr int64_t kTileN = 256;   // outputs per task in the many-rows schedule
+constexpr int64_t kTileN = 256;   // outputs per task when threads split the outputs
 constexpr int64_t kSplitRows = 8; // up to this many rows of x, threads split the blocks
 constexpr int64_t kGemmRows = 32; // from this many rows, dequantized strips go to the BLAS GEMM
 constexpr int64_t kStripBytes = 1 << 20;  // a strip of float weights: 1 MiB, in L2
-constexpr int kChains = 4;        // independent sums per output: a 32-term chain of FMAs would
-                                  // wait on the FMA latency, not on memory
+constexpr int kChains = 4;        // independent sums per output, so a block's 32 FMAs do not all
+                                  // wait on each other's latency
 
 struct QLayer {
   const float* x;              // (M, d) row-major
@@ -162,9 +162,9 @@ LRGPTQ_CLONES void run_blocks(const QLayer& L, int64_t bits, int64_t b0, int64_t
     // Ask for the next block's words while this one computes: a decode step is one pass over
     // qweight, and the hardware prefetcher alone leaves it waiting on DRAM (measured ~2x).
     if (blk + 1 < b1) {
-      const int32_t* next = L.qw + (blk + 1) * bits * L.d_out;
-      for (int64_t w = 0; w < bits; ++w)
-        for (int64_t n = n0; n < n1; n += 16) __builtin_prefetch(next + w * L.d_out + n);
+      const int64_t row = (blk + 1) * bits, rows = std::min(bits, packed_words(L.d, bits) - row);
+      for (int64_t w = 0; w < rows; ++w)
+        for (int64_t n = n0; n < n1; n += 16) __builtin_prefetch(L.qw + (row + w) * L.d_out + n);
     }
     switch (bits) {
       case 2: block_into<2>(L, blk, n0, n1, y, ldy, panel); break;

@@ -71,6 +71,32 @@ def test_round_trip_every_width_with_the_lrgptq_route(tmp_path, bits):
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+@pytest.mark.parametrize("cfg", [
+    dict(sym=True, group_size=-1),  # symmetric, one group per row
+    dict(static_groups=True, **ACT),  # act-order with static groups: g_idx stays i // group_size
+    dict(bits=3, group_size=48, **ACT),  # 3 bits, groups that do not align with 32-input blocks
+])
+def test_round_trip_other_grids(tmp_path, cfg):
+    model, report, ids = quantized(**cfg)
+    saved = lrgptq.save(model, report, tmp_path / "ckpt", dtype=torch.float32)
+    qc = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
+    assert (qc["sym"], qc["group_size"], qc["static_groups"]) == (
+        report.config.sym, report.config.group_size, report.config.static_groups)
+    loaded = lrgptq.load(tmp_path / "ckpt")
+    for name, res in report.results.items():
+        assert torch.equal(loaded.get_submodule(name).dequantize(), weight_matrix(model.get_submodule(name)))
+        if cfg.get("static_groups"):
+            gsz = report.config.group_size
+            assert torch.equal(res.g_idx, (torch.arange(res.g_idx.numel()) // gsz).int())
+    if report.config.sym:  # v1 stores z - 1 = 2^(bits-1) - 1 in every field
+        assert saved.checkpoint_format == "gptq"
+        with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), framework="pt") as f:
+            qz = f.get_tensor("model.layers.0.self_attn.q_proj.qzeros").tolist()
+        assert set(sum(gptq_ref.qzeros_values(qz, 4, 64), [])) == {7}
+    ref, out = logits(model, ids), logits(loaded, ids)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_default_float16_checkpoint_rounds_the_grid_only(tmp_path):
     model, report, ids = quantized(**ACT)
     lrgptq.save(model, report, tmp_path / "ckpt")
