@@ -3,7 +3,6 @@ zero-point decision, atomic writes, and a loader that turns every malformed file
 ValueError (named cases and a fuzz run)."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -327,7 +326,8 @@ MALFORMED = {
     "qweight on a norm": (_edit_tensors(lambda t: t.__setitem__("model.norm.qweight", torch.zeros(1, 1).int())),
                           r"quantizes model\.norm, which in this architecture is LlamaRMSNorm"),
     "index names a missing file": (
-        lambda r: (r / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "nope.safetensors"}})),
+        lambda r: (r / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"a": "nope.safetensors"}})),
         r"names 'nope\.safetensors', which is not a file"),
     "index escapes the directory": (
         lambda r: (r / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../x"}})),

@@ -370,7 +370,8 @@ def _load_rest(model: nn.Module, tensors: Dict[str, torch.Tensor], quantized: se
         raise ValueError(f"{files[extra[0]]}: unexpected tensor {extra[0]}: the model has no such parameter")
     for k, t in tensors.items():
         want = expected[k]
-        same_kind = t.is_floating_point() == want.is_floating_point() and (t.is_floating_point() or t.dtype == want.dtype)
+        floats = t.is_floating_point() and want.is_floating_point()
+        same_kind = floats or (not t.is_floating_point() and t.dtype == want.dtype)
         if tuple(t.shape) != tuple(want.shape) or not same_kind:
             raise ValueError(
                 f"{files[k]}: {k} is {t.dtype} {tuple(t.shape)}, the model needs {want.dtype} {tuple(want.shape)}"

@@ -93,8 +93,9 @@ def _linear(model: nn.Module, name: str) -> nn.Module:
     return module
 
 
-def _blocks(names: Iterable[str], layers: List[dict]) -> Tuple[Optional[str], Optional[List[List[str]]]]:
-    """block_name_to_quantize and modules_in_block_to_quantize, when every block agrees."""
+def _blocks(layers: List[dict]) -> Tuple[Optional[str], Optional[List[List[str]]]]:
+    """block_name_to_quantize and modules_in_block_to_quantize (from the report's rows, whose
+    names are ``<blocks>.<i>.<module>``), when every block agrees."""
     paths: Set[str] = set()
     per_block: Dict[int, Set[str]] = {}
     for row in layers:
@@ -118,7 +119,9 @@ def _version() -> str:
         return "unknown"
 
 
-def prepare(model: nn.Module, report: Any, checkpoint_format: str = "auto", dtype: torch.dtype = torch.float16) -> Prepared:
+def prepare(
+    model: nn.Module, report: Any, checkpoint_format: str = "auto", dtype: torch.dtype = torch.float16
+) -> Prepared:
     """Packs every layer of ``report`` (a ModelReport of ``model``) into a QuantLinear."""
     cfg = report.config
     if cfg.bits not in BITS:
@@ -140,7 +143,7 @@ def prepare(model: nn.Module, report: Any, checkpoint_format: str = "auto", dtyp
             res.codes, scales, res.zeros, res.g_idx, cfg.bits, cfg.group_size, linear.bias, fmt, dtype
         )
         desc_act |= not torch.equal(res.perm.cpu(), torch.arange(len(res.perm)))
-    block_path, in_block = _blocks(report.results, report.layers)
+    block_path, in_block = _blocks(report.layers)
     qc: Dict[str, Any] = {
         "quant_method": QUANT_METHOD,
         "bits": cfg.bits,
@@ -195,7 +198,9 @@ def quantized_names(keys: Iterable[str]) -> Set[str]:
     return {k[: -len(".qweight")] for k in keys if k.endswith(".qweight")}
 
 
-def load_module(settings: Settings, name: str, linear: nn.Module, tensors: Dict[str, torch.Tensor], where: str) -> QuantLinear:
+def load_module(
+    settings: Settings, name: str, linear: nn.Module, tensors: Dict[str, torch.Tensor], where: str
+) -> QuantLinear:
     """The QuantLinear that replaces ``linear``, from its checkpoint tensors (keys without the
     ``<name>.`` prefix). Every shape, dtype and value the layout constrains is checked."""
     out_f, in_f = weight_matrix(linear).shape
