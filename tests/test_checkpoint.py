@@ -96,6 +96,35 @@ def test_round_trip_other_grids(tmp_path, cfg):
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+def test_round_trip_with_features_not_multiples_of_32(tmp_path):
+    # hidden 80 and intermediate 136: 3-bit streams that end inside a word (zero padding, the
+    # readers' ceil rule), partial pack blocks and a short last group.
+    import transformers
+
+    torch.manual_seed(5)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=80, intermediate_size=136, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, VOCAB, (2, 16))
+    report = lrgptq.quantize_model(model, ids, lrgptq.QuantConfig(bits=3, group_size=48, **ACT), progress=False)
+    lrgptq.save(model, report, tmp_path / "ckpt", dtype=torch.float32)
+    loaded = lrgptq.load(tmp_path / "ckpt")
+    down = loaded.model.layers[0].mlp.down_proj
+    assert down.qweight.shape == (gptq_ref.words_for(136, 3), 80) == (13, 80)
+    assert down.qzeros.shape == (3, gptq_ref.words_for(80, 3)) == (3, 8)
+    for name in report.results:
+        assert torch.equal(loaded.get_submodule(name).dequantize(), weight_matrix(model.get_submodule(name)))
+    ref, out = logits(model, ids), logits(loaded, ids)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_widths_outside_the_layout_are_refused(tmp_path):
+    model, report, _ = quantized(bits=5, route="rtn")
+    with pytest.raises(ValueError, match=r"holds bits \(2, 3, 4, 8\); this model was quantized to 5 bits"):
+        lrgptq.save(model, report, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_default_float16_checkpoint_rounds_the_grid_only(tmp_path):
     model, report, ids = quantized(**ACT)
     lrgptq.save(model, report, tmp_path / "ckpt")
