@@ -8,7 +8,9 @@ becomes on disk is the layout's business (``formats/``, chosen by ``quant_method
 
 Writes are atomic: everything goes to a hidden temporary directory beside ``out_dir``, which is
 renamed into place only once complete, so a crash never leaves a complete-looking checkpoint;
-an existing ``out_dir`` (which must be empty or a checkpoint) is replaced only after success.
+an existing ``out_dir`` (which must be empty or a checkpoint) is replaced only after success, by
+two renames (a directory cannot be swapped in one): a crash between them leaves no ``out_dir``
+and the old checkpoint intact in a hidden ``.<name>.old-*`` directory beside it.
 
 ``load`` checks everything it reads: a malformed checkpoint (unreadable or truncated file,
 missing or unexpected tensor, wrong shape or dtype, a config that disagrees with the tensors)
