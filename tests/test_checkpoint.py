@@ -322,6 +322,7 @@ MALFORMED = {
     "config a list": (lambda r: (r / "config.json").write_text("[]"), r"must hold a JSON object"),
     "not quantized": (lambda r: _edit_config(r, lambda c: c.pop("quantization_config")), r"not a quantized"),
     "quant method": (_qc("quant_method", "awq"), r"quant_method is 'awq'"),
+    "quant method a list": (_qc("quant_method", ["gptq"]), r"quant_method is \['gptq'\]"),  # found by the fuzzer
     "bits not in set": (_qc("bits", 5), r"bits must be one of \(2, 3, 4, 8\), got 5"),
     "bits a string": (_qc("bits", "4"), r"bits must be one of .* got '4'"),
     "bits lie": (_qc("bits", 8), r"model\.layers\.0\.mlp\.down_proj\.qweight is torch\.int32 \(16, 64\), but an? "
@@ -384,7 +385,15 @@ def _mutations(gen, root):
     """Random damage of one kind to a copy of a checkpoint; returns a description."""
     r = lambda n: int(torch.randint(0, n, (1,), generator=gen))  # noqa: E731
     st = root / "model.safetensors"
-    kind = r(6)
+    kind = r(7)
+    if kind == 6:  # a field of the model's own config set to a plausible wrong value
+        keys = ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                "num_hidden_layers", "architectures", "tie_word_embeddings", "model_type", "dtype"]
+        key = keys[r(len(keys))]
+        values = [None, 0, -1, 1, 3, 32, 128, "64", True, [], ["LlamaModel"], "float64", "gpt2", 1e9]
+        value = values[r(len(values))]
+        _edit_config(root, lambda c: c.__setitem__(key, value))
+        return f"config.{key} = {value!r}"
     if kind == 0:
         data = st.read_bytes()
         cut = r(len(data))
@@ -426,7 +435,7 @@ def _mutations(gen, root):
 
 def test_fuzz_the_loader(pristine, tmp_path, gen):
     # Every mutated checkpoint either loads into a model that runs, or raises ValueError; any
-    # other exception (or a crash of the process) fails. Bounded: 60 mutations, ~2 s.
+    # other exception (or a crash of the process) fails. Bounded: 60 mutations, ~3 s.
     root0, ids = pristine
     outcomes = {"loaded": 0, "ValueError": 0}
     for i in range(60):

@@ -28,7 +28,7 @@ LAYOUTS: Dict[str, ModuleType] = {gptq.QUANT_METHOD: gptq}
 
 def layout(quant_method: Any, where: str) -> ModuleType:
     """The layout module for ``quant_method``; ValueError naming ``where`` when there is none."""
-    if quant_method not in LAYOUTS:
+    if not isinstance(quant_method, str) or quant_method not in LAYOUTS:
         raise ValueError(
             f"{where}: quantization_config.quant_method is {quant_method!r}; lrgptq reads "
             + ", ".join(repr(m) for m in LAYOUTS)
