@@ -19,4 +19,14 @@ TORCH_LIBRARY(lrgptq, m) {
       "gptq_quantize(Tensor W, Tensor perm, Tensor U, bool from_original, int bits, "
       "int group_size, bool sym, bool mse, bool static_groups, int block_size) "
       "-> (Tensor codes, Tensor scales, Tensor zeros, Tensor g_idx, Tensor Q, Tensor row_loss)");
+
+  // The GPTQ checkpoint layout (DESIGN §9): integer values <-> int32 words along a dimension.
+  m.def("pack_bits(Tensor values, int bits, int dim) -> Tensor");
+  m.def("unpack_bits(Tensor packed, int bits, int dim, int n) -> Tensor");
+
+  // Quantized inference: y = x · dequant(qweight)ᵀ + bias, dequantized tile by tile.
+  // zero_offset: 1 for checkpoint_format gptq (v1 stores z − 1), 0 for gptq_v2.
+  m.def(
+      "qmatmul(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, "
+      "int zero_offset, Tensor? bias) -> Tensor");
 }

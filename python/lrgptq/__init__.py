@@ -7,9 +7,11 @@ import torch  # noqa: F401  (libtorch must be loaded before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.lrgptq)
 from .accumulate import Accumulator
+from .checkpoint import Saved, load, save
 from .config import QuantConfig
 from .eval import perplexity
 from .linear import Factor, QuantResult, factorize, quantize_linear
+from .nn import QuantLinear
 from .pipeline import ModelReport, quantize_model
 
 __all__ = [
@@ -17,10 +19,14 @@ __all__ = [
     "Factor",
     "ModelReport",
     "QuantConfig",
+    "QuantLinear",
     "QuantResult",
+    "Saved",
     "factorize",
+    "load",
     "perplexity",
     "quantize_linear",
     "quantize_model",
+    "save",
 ]
 __version__ = "0.1.0"

@@ -31,6 +31,7 @@ class ModelReport:
     layers: List[dict] = field(default_factory=list)
     results: Dict[str, QuantResult] = field(default_factory=dict)
     seconds: float = 0.0
+    true_sequential: bool = True  # as quantize_model ran (checkpoints record it)
 
     def table(self) -> str:
         head = f"{'layer':<48} {'shape':>12} {'tokens':>7} {'rank':>6} {'loss':>11} {'note'}"
@@ -112,7 +113,7 @@ def quantize_model(
     start = time.perf_counter()
     batches = calibration_batches(calib, tokenizer, max_length=max_length)
     block_path, block_list = find_blocks(model, blocks)
-    report = ModelReport(cfg)
+    report = ModelReport(cfg, true_sequential=true_sequential)
     backups: List[Tuple[nn.Module, torch.Tensor]] = []
     use_cache = getattr(getattr(model, "config", None), "use_cache", None)
     if use_cache is not None:
