@@ -72,6 +72,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         with open(args.eval_text, encoding="utf-8") as f:
             ids = tok(f.read(), return_tensors="pt")["input_ids"]
         print(f"perplexity (window {args.window}): {perplexity(model, ids, args.window, args.max_windows):.3f}")
+    if args.save:
+        from .checkpoint import save
+
+        save(model, report, args.save, tok)
+        print(f"saved the GPTQ checkpoint to {args.save}")
     if args.report:
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump({"config": cfg.to_dict(), "layers": report.layers, "seconds": report.seconds}, f, indent=1)
@@ -110,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-text", help="text file to report perplexity on after quantizing (keep it disjoint from --calib)")
     q.add_argument("--window", type=int, default=512, help="perplexity window (tokens)")
     q.add_argument("--max-windows", type=int, help="cap on perplexity windows")
+    q.add_argument("--save", help="write the quantized model here as a GPTQ checkpoint (safetensors + configs)")
     q.add_argument("--report", help="write the per-layer report as JSON here")
     _add_quant_options(q)
     q.set_defaults(func=cmd_quantize)

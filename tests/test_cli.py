@@ -1,0 +1,62 @@
+"""The lrgptq command line, on a tiny model (its loader is swapped for one that needs no files)."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import lrgptq  # noqa: E402
+from lrgptq import cli  # noqa: E402
+
+from tiny_models import ARCHS, VOCAB  # noqa: E402
+
+
+class CharTokenizer:
+    """One token per character, enough for text_windows and perplexity."""
+
+    def __call__(self, text, return_tensors=None, **_kw):
+        ids = [ord(c) % VOCAB for c in text]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def save_pretrained(self, path):
+        with open(f"{path}/tokenizer.json", "w") as f:
+            json.dump({"kind": "chars", "vocab": VOCAB}, f)
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["quantize", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--method", "--bits", "--group-size", "--order", "--accumulator", "--damp", "--truncation",
+                   "--save", "--skip", "--calib"):
+        assert option in out
+
+
+def test_quantize_saves_a_checkpoint_that_loads(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    model = ARCHS["llama"]().eval()
+    monkeypatch.setattr(cli, "_load", lambda path, gguf: (model, CharTokenizer()))
+    text = tmp_path / "calib.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession. " * 40)
+    out_dir = tmp_path / "ckpt"
+    rc = cli.main(["quantize", "tiny", "--calib", str(text), "--nsamples", "4", "--seqlen", "32",
+                   "--eval-text", str(text), "--window", "64", "--bits", "4", "--group-size", "32",
+                   "--save", str(out_dir), "--report", str(tmp_path / "report.json")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "perplexity (window 64)" in printed and "model.layers.1.mlp.down_proj" in printed
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["layers"]) == 14 and report["config"]["bits"] == 4
+    loaded = lrgptq.load(str(out_dir), dtype=torch.float32)
+    assert any(isinstance(m, lrgptq.QuantLinear) for m in loaded.modules())
+
+
+def test_bad_option_is_an_error_not_a_traceback(tmp_path, monkeypatch, capsys):
+    model = ARCHS["llama"]().eval()
+    monkeypatch.setattr(cli, "_load", lambda path, gguf: (model, CharTokenizer()))
+    text = tmp_path / "calib.txt"
+    text.write_text("short text " * 100)
+    assert cli.main(["quantize", "tiny", "--calib", str(text), "--bits", "9", "--seqlen", "16"]) == 2
+    assert "bits" in capsys.readouterr().err
