@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("--bits", type=int, nargs="+", default=[4, 3], help="bit widths to compare")
     d.add_argument("--methods", nargs="+", default=["rtn", "gptq", "lrgptq"], choices=sorted(METHODS))
-    d.add_argument("--nsamples", type=int, default=32, help="calibration windows")
+    d.add_argument("--nsamples", type=int, default=16, help="calibration windows")
     d.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
     d.add_argument("--window", type=int, default=512, help="perplexity window (tokens)")
     d.add_argument("--max-windows", type=int, default=16, help="perplexity windows")
