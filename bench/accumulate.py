@@ -1,8 +1,13 @@
-"""CPU benchmark of the accumulators (lrgptq.Accumulator.add → torch.ops.lrgptq.*_update).
+"""CPU benchmark of the accumulators: lrgptq.Accumulator (add, then .state) and the raw update ops.
 
-d = 4096, batches of 2048 float32 tokens (states in float64, the default): gram (H += XᵀX),
-qr (R ← R-factor of [R; X]), sketch m = 1024 with sparse (ζ = 8) and Gaussian S. One warm-up batch,
-then each batch timed on its own; tokens/s = batch / median batch time.
+d = 4096, batches of 2048 float32 tokens, float64 states (the default): gram (H += XᵀX), qr
+(R ← R-factor of [R; X]), sketch m = 1024 with sparse (ζ = 8) and Gaussian S.
+
+One measurement = a stream of `--stream` batches (default 4 = 8192 tokens = 2d) through
+Accumulator.add, then .state (which flushes what the qr accumulator buffers: it stacks rows until
+2d are pending and then does one QR). tokens/s = stream tokens / median stream time. One warm-up
+stream. The raw ops (torch.ops.lrgptq.*_update, one call per 2048-token batch, no buffering) are
+timed per batch too, for reference.
 
     python bench/accumulate.py            # the table of docs/benchmarks.md
     python bench/accumulate.py --quick    # smoke run, d = 512
@@ -22,45 +27,50 @@ import lrgptq
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: d = 512, m = 128, 1 timed batch")
-    ap.add_argument("--batches", type=int, default=3, help="timed batches per accumulator (after 1 warm-up)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: d = 512, m = 128, 1 run")
+    ap.add_argument("--stream", type=int, default=4, help="batches of 2048 tokens per timed stream")
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     common.setup(args.threads)
-    d, m, nb = (512, 128, 1) if args.quick else (4096, 1024, args.batches)
-    bs = 2048
+    d, m, runs = (512, 128, 1) if args.quick else (4096, 1024, args.runs)
+    bs, ns = 2048, args.stream
 
     common.header(f"Accumulator throughput (CPU): d = {d}, batches of {bs} float32 tokens, float64 state")
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randn(bs, d, generator=gen) for _ in range(nb + 1)]
+    batches = [torch.randn(bs, d, generator=gen) for _ in range(ns)]
     kinds = [
-        ("gram", dict()),
-        ("qr", dict()),
-        (f"sketch sparse zeta=8, m={m}", dict(sketch_size=m, sketch_kind="sparse", zeta=8)),
-        (f"sketch gaussian, m={m}", dict(sketch_size=m, sketch_kind="gaussian")),
+        ("gram", "gram", dict()),
+        ("qr", "qr", dict()),
+        (f"sketch sparse zeta=8, m={m}", "sketch", dict(sketch_size=m, sketch_kind="sparse", zeta=8)),
+        (f"sketch gaussian, m={m}", "sketch", dict(sketch_size=m, sketch_kind="gaussian")),
     ]
     rows = []
-    for name, kw in kinds:
-        acc = lrgptq.Accumulator(name.split()[0], d, **kw)
-        acc.add(batches[0])  # warm-up
+    for name, kind, kw in kinds:
+        clean = common.Clean(not args.quick)
+        acc = lrgptq.Accumulator(kind, d, **kw)
 
-        def timed():
-            times = []
-            for X in batches[1:]:
-                t0 = time.perf_counter()
+        def stream():
+            for X in batches:
                 acc.add(X)
-                times.append(time.perf_counter() - t0)
-            return times
+            acc.state  # noqa: B018  (flushes the qr buffer)
 
-        times, others, tries = common.quiet_run(timed, attempts=1 if args.quick else 4)
-        t = common.median(times)
-        rows.append([name, f"{common.fmt_s(t)} ({len(times)})", f"{bs / t:,.0f}",
-                     f"{bs / t * 3600 / 1e6:.1f}",
-                     f"{100 * others:.0f}% ({tries})"])
-    common.table(["accumulator", "median s / batch (batches)", "tokens/s", "M tokens/hour", "others' CPU (tries)"], rows)
+        t_stream = common.median(clean.times(stream, runs=runs, warmup=1))
+        state = acc.state
+        if kind == "gram":
+            op = lambda X: torch.ops.lrgptq.gram_update(state, X)  # noqa: E731
+        elif kind == "qr":
+            op = lambda X: torch.ops.lrgptq.qr_update(state, X)  # noqa: E731
+        else:
+            op = lambda X: torch.ops.lrgptq.sketch_update(state, X, 0, 0, kw["sketch_kind"], 8)  # noqa: E731
+        t_op = common.median(clean.times(lambda: op(batches[0]), runs=runs, warmup=1))
+        tok = ns * bs
+        rows.append([name, f"{common.fmt_s(t_stream)}", f"{tok / t_stream:,.0f}", f"{tok / t_stream * 3600 / 1e6:.0f}",
+                     f"{common.fmt_s(t_op)}", f"{bs / t_op:,.0f}", clean.note()])
+    common.table(["accumulator", f"stream of {ns * bs} tokens", "tokens/s (Accumulator)", "M tokens/hour",
+                  f"raw op, {bs}-token batch", "tokens/s (raw op)", "others' CPU (discarded runs)"], rows)
     print()
-    print("Rows are retried (up to 4 tries) until other processes used <= 5% of the CPUs during the timed "
-          "batches; the quietest try is shown.")
+    print(f"Median of {runs} runs each, after one warm-up. " + common.CLEAN_NOTE)
     common.footer()
 
 

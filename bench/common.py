@@ -67,19 +67,45 @@ class Window:
         return max(0.0, busy - ours) / max((t1 - t0) / hz, 1e-9)
 
 
-def quiet_run(fn, max_others: float = 0.05, attempts: int = 3, wait_s: float = 20.0):
-    """Runs fn() until other processes used at most max_others of the CPUs during it (up to `attempts`
-    tries, waiting wait_s between); returns (result of the quietest try, its others fraction, tries)."""
-    best = None
-    for a in range(1, attempts + 1):
-        with Window() as w:
-            r = fn()
-        if best is None or w.others < best[1]:
-            best = (r, w.others)
-        if w.others <= max_others:
-            break
-        time.sleep(wait_s)
-    return best[0], best[1], a
+def wait_quiet(max_busy: float = 0.10, timeout_s: float = 45.0) -> None:
+    """Waits (at most timeout_s) until the CPUs were at most max_busy busy over a 2 s sample."""
+    t_end = time.monotonic() + timeout_s
+    while time.monotonic() < t_end and cpu_busy(2.0) > max_busy:
+        time.sleep(1.0)
+
+
+class Clean:
+    """Times calls one at a time, each started at a quiet moment and kept only if other processes used
+    at most max_others of the CPUs while it ran (up to max_tries calls in all; if too few were clean,
+    the quietest of the others fill in). Keeps the worst 'others' share among the kept runs, and the
+    number of discarded runs, over every call of `times` (for the table)."""
+
+    def __init__(self, enabled: bool = True, max_others: float = 0.05, max_tries: int = 6):
+        self.enabled, self.max_others, self.max_tries = enabled, max_others, max_tries
+        self.worst, self.discarded = 0.0, 0
+
+    def times(self, fn: Callable[[], object], runs: int = 3, warmup: int = 1) -> List[float]:
+        for _ in range(warmup):
+            fn()
+        clean, dirty = [], []
+        for _ in range(self.max_tries if self.enabled else runs):
+            if self.enabled:
+                wait_quiet()
+            with Window() as w:
+                t0 = time.perf_counter()
+                fn()
+                t = time.perf_counter() - t0
+            (clean if w.others <= self.max_others or not self.enabled else dirty).append((w.others, t))
+            if len(clean) >= runs:
+                break
+        fill = sorted(dirty)[: max(0, runs - len(clean))]
+        self.discarded += len(dirty) - len(fill)
+        kept = clean + fill
+        self.worst = max([self.worst] + [o for o, _ in kept])
+        return [t for _, t in kept]
+
+    def note(self) -> str:
+        return f"{100 * self.worst:.0f}% ({self.discarded})"
 
 
 _WHOLE = Window()
@@ -141,3 +167,8 @@ def table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
 
 def fmt_s(t: float) -> str:
     return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
+
+
+CLEAN_NOTE = ("'others' CPU' = the largest share of the CPUs used by other processes during any kept timed run; "
+              "each run starts at a quiet moment and is discarded (and re-run, up to 6 calls per measurement) "
+              "when others used > 5%.")

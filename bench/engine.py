@@ -42,21 +42,21 @@ def lazy_flops(d_out: int, d: int, block: int) -> int:
     return sum(2 * d_out * min(block, d - i1) * (d - min(i1 + block, d)) for i1 in range(0, d, block))
 
 
-def sgemm_rate_lazy(d_out: int, d: int, runs: int) -> float:
+def sgemm_rate_lazy(d_out: int, d: int, runs: int, clean: common.Clean) -> float:
     A = torch.randn(d_out, B)
     Bm = torch.randn(B, d)
     C = torch.randn(d_out, d)
-    t = common.median(common.time_it(lambda: C.addmm_(A, Bm, beta=1, alpha=-1), runs=max(runs, 3)))
+    t = common.median(clean.times(lambda: C.addmm_(A, Bm, beta=1, alpha=-1), runs=max(runs, 3)))
     return 2 * d_out * B * d / t
 
 
-def sgemm_rate_square(n: int, runs: int) -> float:
+def sgemm_rate_square(n: int, runs: int, clean: common.Clean) -> float:
     A, Bm = torch.randn(n, n), torch.randn(n, n)
-    t = common.median(common.time_it(lambda: A @ Bm, runs=max(runs, 3)))
+    t = common.median(clean.times(lambda: A @ Bm, runs=max(runs, 3)))
     return 2 * n**3 / t
 
 
-def lazy_sequence(d_out: int, d: int, U: torch.Tensor, runs: int) -> float:
+def lazy_sequence(d_out: int, d: int, U: torch.Tensor, runs: int, clean: common.Clean) -> float:
     """Seconds of the engine's actual lazy updates alone: T[:, i2:] -= E_blk @ U[i1:i2, i2:] per block."""
     T = torch.randn(d_out, d)
     E = torch.randn(d_out, B)
@@ -66,32 +66,34 @@ def lazy_sequence(d_out: int, d: int, U: torch.Tensor, runs: int) -> float:
             i2 = i1 + B
             T[:, i2:].addmm_(E, U[i1:i2, i2:], beta=1, alpha=-1)
 
-    return common.median(common.time_it(seq, runs=max(runs, 3)))
+    return common.median(clean.times(seq, runs=max(runs, 3)))
 
 
 def engine(W, perm, U):
     return torch.ops.lrgptq.gptq_quantize(W, perm, U, False, BITS, GS, SYM, False, False, B)
 
 
-def measure(d_out, d, W, U, runs, quick):
+def measure(d_out, d, W, U, runs, clean):
     perm = torch.arange(d)
-    t_eng = common.time_it(lambda: engine(W, perm, U), runs=runs)
+    t_eng = clean.times(lambda: engine(W, perm, U), runs=runs)
     codes_e = engine(W, perm, U)[0]
-    rate = sgemm_rate_lazy(d_out, d, runs)
-    t_seq = lazy_sequence(d_out, d, U, runs)
+    U0 = U[:0].contiguous()  # k = 0: every column rounded, no error feedback (quantizer + copies only)
+    t_rtn = clean.times(lambda: engine(W, perm, U0), runs=runs)
+    rate = sgemm_rate_lazy(d_out, d, runs, clean)
+    t_seq = lazy_sequence(d_out, d, U, runs, clean)
 
     big = d_out * d > 4096 * 4096
     b_runs = 1 if big else runs
-    b_times, out = [], None
-    for _ in range(b_runs + (0 if big or quick else 1)):  # one warm-up unless big
-        t0 = time.perf_counter()
-        out = gptq_baseline.fasterquant(W, U, bits=BITS, groupsize=GS, sym=SYM, blocksize=B)
-        b_times.append(time.perf_counter() - t0)
-    b_times = b_times[-b_runs:]
-    codes_b = gptq_baseline.codes_of(out[0], out[1], out[2], GS)
-    equal = (codes_b == codes_e).double().mean().item() * 100
-    return dict(te=common.median(t_eng), ne=len(t_eng), tb=common.median(b_times), nb=b_runs,
-                rate=rate, t_seq=t_seq, equal=equal)
+    out = []
+
+    def base():
+        out[:] = [gptq_baseline.fasterquant(W, U, bits=BITS, groupsize=GS, sym=SYM, blocksize=B)]
+
+    b_times = clean.times(base, runs=b_runs, warmup=0 if big else 1)
+    Q, S, Z, _ = out[0]
+    equal = (gptq_baseline.codes_of(Q, S, Z, GS) == codes_e).double().mean().item() * 100
+    return dict(te=common.median(t_eng), ne=len(t_eng), tb=common.median(b_times), nb=len(b_times),
+                rate=rate, t_seq=t_seq, t_rtn=common.median(t_rtn), equal=equal)
 
 
 def main() -> None:
@@ -105,7 +107,7 @@ def main() -> None:
 
     common.header("GPTQ engine vs plain-PyTorch GPTQ (CPU, float32, 4-bit g128 asym, B=128)")
     n_sq = 1024 if args.quick else 4096
-    sq = sgemm_rate_square(n_sq, runs)
+    sq = sgemm_rate_square(n_sq, runs, common.Clean(not args.quick))
     print(f"- sgemm {n_sq}x{n_sq}x{n_sq} (A @ B): {sq / 1e9:.1f} GFLOP/s")
     print()
 
@@ -117,24 +119,24 @@ def main() -> None:
             U_cache[d] = random_U(d, gen)
         U = U_cache[d].float().contiguous()
         W = torch.randn(d_out, d, generator=gen) * 0.02
-        r, others, tries = common.quiet_run(lambda: measure(d_out, d, W, U, runs, args.quick),
-                                            attempts=1 if args.quick else 4)
+        clean = common.Clean(not args.quick)
+        r = measure(d_out, d, W, U, runs, clean)
         fl = lazy_flops(d_out, d, B)
         floor = fl / r["rate"]
         rows.append([
             f"{d_out}x{d}", f"{common.fmt_s(r['te'])} ({r['ne']})", f"{common.fmt_s(r['tb'])} ({r['nb']})",
             f"{r['tb'] / r['te']:.2f}x", f"{fl / 1e9:.1f}", f"{r['rate'] / 1e9:.1f}", common.fmt_s(floor),
-            f"{r['te'] / floor:.2f}x", common.fmt_s(r["t_seq"]), f"{r['equal']:.3f}%",
-            f"{100 * others:.0f}% ({tries})",
+            f"{r['te'] / floor:.2f}x", common.fmt_s(r["t_seq"]), common.fmt_s(r["t_rtn"]),
+            f"{r['equal']:.3f}%", clean.note(),
         ])
     common.table(["d_out x d", "engine (runs)", "baseline (runs)", "speedup", "lazy GFLOP",
                   "sgemm lazy-shape GFLOP/s", "GEMM floor", "engine / floor", "lazy GEMMs alone",
-                  "codes equal", "others' CPU (tries)"], rows)
+                  "engine with k=0", "codes equal", "others' CPU (discarded runs)"], rows)
     print()
-    print("GEMM floor = lazy GFLOP / sgemm rate of C(d_out x d) -= A(d_out x 128) @ B(128 x d); "
-          "'lazy GEMMs alone' = the engine's actual sequence of shrinking lazy updates, timed alone; "
-          "'others' CPU' = share of the CPUs used by other processes while the row was measured "
-          "(rows are retried, up to 4 tries, until it is <= 5%; the quietest try is shown).")
+    print("GEMM floor = lazy GFLOP / sgemm rate of C(d_out x d) -= A(d_out x 128) @ B(128 x d).")
+    print("'lazy GEMMs alone' = the engine's actual sequence of shrinking lazy updates, timed alone.")
+    print("'engine with k=0' = the engine with a U of 0 rows (round to nearest: quantizer, copies, no feedback).")
+    print(common.CLEAN_NOTE)
     common.footer()
 
 

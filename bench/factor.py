@@ -64,7 +64,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     results = {}
     ks = {}
-    others, retries = {}, {}
+    notes = {}
     for n, d in enumerate(dims):
         R = make_R(d, gen)
         H = R.T @ R
@@ -80,12 +80,9 @@ def main() -> None:
             ("stage: torch.linalg.eigh(H)", lambda: torch.linalg.eigh(H)),
             ("stage: cholesky + cholesky_inverse + cholesky(upper)", lambda: chol_stages(H)),
         ]
-        t = {}
-        for name, fn in cells:
-            ts, oth, tries = common.quiet_run(lambda: common.time_it(fn, runs, wu), attempts=1 if args.quick else 4)
-            t[name] = ts
-            others[d] = max(others.get(d, 0.0), oth)
-            retries[d] = retries.get(d, 0) + tries - 1
+        clean = common.Clean(not args.quick)
+        t = {name: clean.times(fn, runs, wu) for name, fn in cells}
+        notes[d] = clean.note()
         results[d] = {key: common.median(v) for key, v in t.items()}
 
     names = list(results[dims[0]].keys())
@@ -98,12 +95,11 @@ def main() -> None:
         rows.append([f"svdqr {order} / cholesky"]
                     + [f"{results[d][f'svdqr {order}'] / results[d]['cholesky (identity)']:.2f}x" for d in dims])
     rows.append(["svdqr rank k (identity, pivot)"] + [f"{ks[d][0]}, {ks[d][1]}" for d in dims])
-    rows.append(["others' CPU, worst cell (retried cells)"]
-                + [f"{100 * others[d]:.0f}% ({retries[d]})" for d in dims])
+    rows.append(["others' CPU (discarded runs)"] + [notes[d] for d in dims])
     common.table(["median of %d runs" % runs] + [f"d = {d}" for d in dims], rows)
     print()
-    print("Each cell is retried (up to 4 tries) until other processes used <= 5% of the CPUs while it ran; "
-          "the quietest try is kept. Warm-up: one untimed call of each at the first d only.")
+    print("Warm-up: one untimed call of each at the first d only.")
+    print(common.CLEAN_NOTE)
     common.footer()
 
 
