@@ -11,6 +11,7 @@ rate is printed for reference.
 
     python bench/engine.py            # the table of docs/benchmarks.md
     python bench/engine.py --quick    # smoke run, small shapes
+    python bench/engine.py --breakdown  # the engine's non-GEMM pieces at 11008x4096
 """
 
 from __future__ import annotations
@@ -96,12 +97,41 @@ def measure(d_out, d, W, U, runs, clean):
                 rate=rate, t_seq=t_seq, t_rtn=common.median(t_rtn), equal=equal)
 
 
+def breakdown(d_out: int, d: int, runs: int, quick: bool = False) -> None:
+    """What the engine does besides the GEMMs and the hot loop, timed piece by piece (plain torch calls
+    equivalent to the op's input checks and its permutation copies), next to the whole engine at k = 0."""
+    W = torch.randn(d_out, d) * 0.02
+    perm = torch.arange(d)
+    codes = torch.randint(0, 16, (d_out, d), dtype=torch.uint8)
+    Q = torch.randn(d_out, d)
+    U0 = torch.zeros(0, d)
+    clean = common.Clean(not quick)
+    pieces = [
+        ("engine, U with 0 rows (k = 0)", lambda: engine(W, perm, U0)),
+        ("isfinite(W).all() (the op's check of W)", lambda: torch.isfinite(W).all().item()),
+        ("W.index_select(1, perm) (to perm order)", lambda: W.index_select(1, perm).contiguous()),
+        ("Q index_copy_(1, perm) (back to original order)", lambda: torch.empty_like(Q).index_copy_(1, perm, Q)),
+        ("codes index_copy_(1, perm)", lambda: torch.empty_like(codes).index_copy_(1, perm, codes)),
+    ]
+    rows = [[name, common.fmt_s(common.median(clean.times(fn, runs=runs)))] for name, fn in pieces]
+    common.table([f"{d_out}x{d}, float32, identity perm", "median time"], rows)
+    print()
+    print(common.CLEAN_NOTE + f" Worst kept: {clean.note()}.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: small shapes, 1 run each")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="only: time the non-GEMM pieces of the engine at 11008x4096 (k = 0 path, checks, copies)")
     args = ap.parse_args()
     common.setup(args.threads)
+    if args.breakdown:
+        common.header("GPTQ engine: pieces besides the GEMMs (CPU, float32, 4-bit g128 asym)")
+        breakdown(*((512, 512) if args.quick else (11008, 4096)), 1 if args.quick else 3, args.quick)
+        common.footer()
+        return
     shapes = [(256, 256), (512, 512)] if args.quick else [(1024, 1024), (4096, 4096), (11008, 4096)]
     runs = 1 if args.quick else 3
 

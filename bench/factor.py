@@ -54,10 +54,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: d = 256, 512, 1 run each")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dims", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     common.setup(args.threads)
-    dims = [256, 512] if args.quick else [1024, 4096]
+    dims = [256, 512] if args.quick else args.dims
     runs = 1 if args.quick else args.runs
 
     common.header("Factor routes (CPU, float64): cholesky vs svdqr, and their stages")
