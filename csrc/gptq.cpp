@@ -151,7 +151,8 @@ EngineOut gptq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::T
   const int64_t G = (d + gsz - 1) / gsz;  // the last group is shorter when gsz does not divide d
   const auto opts = W.options();
   at::Tensor Wc = W.contiguous();
-  at::Tensor Tw = Wc.index_select(1, perm).contiguous();
+  const bool identity = at::equal(perm, at::arange(d, perm.options()));
+  at::Tensor Tw = identity ? Wc.clone() : Wc.index_select(1, perm).contiguous();
   at::Tensor W0 = from_original ? Tw.clone() : at::Tensor();
   at::Tensor U = U_in.to(W.scalar_type()).contiguous();
   at::Tensor scales = at::zeros({G, d_out}, opts), zeros = at::zeros({G, d_out}, opts);
@@ -174,10 +175,9 @@ EngineOut gptq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::T
   });
 
   // Back to the original column order.
-  at::Tensor codes = at::empty_like(codes_p).index_copy_(1, perm, codes_p);
-  at::Tensor Q = at::empty_like(Q_p).index_copy_(1, perm, Q_p);
+  at::Tensor codes = identity ? codes_p : at::empty_like(codes_p).index_copy_(1, perm, codes_p);
+  at::Tensor Q = identity ? Q_p : at::empty_like(Q_p).index_copy_(1, perm, Q_p);
   at::Tensor g_idx;
-  const bool identity = at::equal(perm, at::arange(d, perm.options()));
   if (static_groups || identity) {
     g_idx = at::arange(d, opts.dtype(at::kInt)).div_(gsz, "floor");
   } else {  // act-order: group j // gsz assigned in perm order, mapped back
