@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cuda_ops.h"
 #include "sketch_rng.h"
 
 namespace lrgptq {
@@ -48,9 +49,25 @@ void sketch_update(at::Tensor Y, const at::Tensor& X, int64_t seed, int64_t offs
   const int64_t N = Xb.size(0);
   if (N == 0) return;
   const uint64_t s = static_cast<uint64_t>(seed);
+  TORCH_CHECK(kind == "sparse" || kind == "gaussian",
+              "lrgptq.sketch_update: kind must be 'sparse' or 'gaussian', got '", kind, "'");
+  TORCH_CHECK(kind != "sparse" || (zeta >= 1 && zeta <= m), "lrgptq.sketch_update: zeta must be in [1, m=", m,
+              "], got ", zeta);
+  if (Y.is_cuda()) {
+#ifdef LRGPTQ_WITH_CUDA
+    TORCH_CHECK(Xb.device() == Y.device(), "lrgptq.sketch_update: X must be on Y's device ", Y.device(),
+                ", got ", Xb.device());
+    if (kind == "sparse") {
+      sketch_sparse_cuda(Y, Xb, s, offset, zeta);
+    } else {
+      Y.addmm_(sketch_gaussian_matrix_cuda(m, N, s, offset, Y.options()), Xb);
+    }
+    return;
+#else
+    TORCH_CHECK(false, "lrgptq.sketch_update: this build has no CUDA kernels; rebuild with a CUDA torch");
+#endif
+  }
   if (kind == "sparse") {
-    TORCH_CHECK(zeta >= 1 && zeta <= m, "lrgptq.sketch_update: zeta must be in [1, m=", m,
-                "], got ", zeta);
     const double a = 1.0 / std::sqrt(static_cast<double>(zeta));
     double* y = Y.data_ptr<double>();
     const double* x = Xb.data_ptr<double>();
@@ -81,7 +98,7 @@ void sketch_update(at::Tensor Y, const at::Tensor& X, int64_t seed, int64_t offs
         }
       }
     });
-  } else if (kind == "gaussian") {
+  } else {
     at::Tensor S = at::empty({m, N}, Xb.options());
     auto Sa = S.accessor<double, 2>();
     const double a = 1.0 / std::sqrt(static_cast<double>(m));
@@ -92,8 +109,6 @@ void sketch_update(at::Tensor Y, const at::Tensor& X, int64_t seed, int64_t offs
       }
     });
     Y.addmm_(S, Xb);
-  } else {
-    TORCH_CHECK(false, "lrgptq.sketch_update: kind must be 'sparse' or 'gaussian', got '", kind, "'");
   }
 }
 
@@ -114,5 +129,15 @@ TORCH_LIBRARY_IMPL(lrgptq, CPU, m) {
   m.impl("qr_update", &qr_update);
   m.impl("sketch_update", &sketch_update);
 }
+
+#ifdef LRGPTQ_WITH_CUDA
+// gram and qr are ATen ops (cuBLAS GEMM in H's dtype, float64 by default; cuSOLVER geqrf), so the
+// CPU functions run unchanged on CUDA tensors; the sketch's draws run in csrc/cuda/accumulate.cu.
+TORCH_LIBRARY_IMPL(lrgptq, CUDA, m) {
+  m.impl("gram_update", &gram_update);
+  m.impl("qr_update", &qr_update);
+  m.impl("sketch_update", &sketch_update);
+}
+#endif
 
 }  // namespace lrgptq

@@ -10,6 +10,8 @@
 #pragma once
 #include <cstdint>
 
+#include "hd.h"
+
 namespace lrgptq {
 
 inline bool valid_bits(int64_t bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 8; }
@@ -18,7 +20,7 @@ inline bool valid_bits(int64_t bits) { return bits == 2 || bits == 3 || bits == 
 inline int64_t packed_words(int64_t n, int64_t bits) { return (n * bits + 31) / 32; }
 
 // Value i of a stream, from its words (word w of the stream at words[w * stride]).
-inline uint32_t stream_get(const int32_t* words, int64_t stride, int64_t i, int64_t bits) {
+LRGPTQ_HD inline uint32_t stream_get(const int32_t* words, int64_t stride, int64_t i, int64_t bits) {
   const int64_t off = i * bits, w = off >> 5, sh = off & 31;
   const uint32_t mask = (1u << bits) - 1;
   uint32_t v = static_cast<uint32_t>(words[w * stride]) >> sh;

@@ -316,8 +316,25 @@ FactorOut factor(const at::Tensor& A, c10::string_view source, c10::string_view 
   TORCH_CHECK(false, "lrgptq.factor: route must be 'cholesky', 'svdqr' or 'ql', got '", route, "'");
 }
 
+#ifdef LRGPTQ_WITH_CUDA
+// On CUDA the factor is, for now, computed on the CPU (LAPACK, with geqp3 for the pivoted QR that
+// cuSOLVER lacks) and its outputs are moved back to A's device: a d×d round trip per layer. The
+// randomised pivot choice on the GPU (DESIGN §3) is not written yet.
+FactorOut factor_cuda(const at::Tensor& A, c10::string_view source, c10::string_view route,
+                      c10::string_view order, double damp, c10::string_view damp_ref, int64_t max_retries,
+                      c10::string_view truncation, double tau, at::ScalarType dtype) {
+  auto [perm, U, rank, dead, info] =
+      factor(A.cpu(), source, route, order, damp, damp_ref, max_retries, truncation, tau, dtype);
+  const c10::Device dev = A.device();
+  return {perm.to(dev), U.to(dev), rank, dead.to(dev), info.to(dev)};
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrgptq, CPU, m) { m.impl("factor", &factor); }
+#ifdef LRGPTQ_WITH_CUDA
+TORCH_LIBRARY_IMPL(lrgptq, CUDA, m) { m.impl("factor", &factor_cuda); }
+#endif
 
 }  // namespace lrgptq

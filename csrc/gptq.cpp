@@ -12,6 +12,8 @@
 #include <tuple>
 
 #include "checks.h"
+#include "cuda_ops.h"
+#include "gptq_blocks.h"
 #include "quantizer.h"
 
 namespace lrgptq {
@@ -75,16 +77,6 @@ void block_rows(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t
   }
 }
 
-// End of the block that starts at i1: at most B columns, cut at a group start whose group
-// would reach past the block (so that group's params see every update from columns before it).
-int64_t block_end(int64_t i1, int64_t B, int64_t d, int64_t gsz, bool static_groups) {
-  int64_t i2 = std::min(i1 + B, d);
-  if (static_groups) return i2;
-  for (int64_t g = (i1 / gsz + 1) * gsz; g < i2; g += gsz)
-    if (std::min(g + gsz, d) > i2) return g;
-  return i2;
-}
-
 template <typename T>
 void run_engine(Problem<T>& P, const at::Tensor& Tw, const at::Tensor& U, const at::Tensor& E, int64_t B) {
   const int64_t n_tiles = (P.d_out + kRowTile - 1) / kRowTile;
@@ -124,6 +116,9 @@ void check_inputs(const at::Tensor& W, const at::Tensor& perm, const at::Tensor&
   TORCH_CHECK(W.scalar_type() == at::kDouble || W.scalar_type() == at::kFloat,
               "lrgptq.gptq_quantize: W must be float32 or float64 (the compute dtype), got ", W.scalar_type());
   const int64_t d = W.size(1);
+  TORCH_CHECK(perm.device() == W.device() && U.device() == W.device(),
+              "lrgptq.gptq_quantize: W, perm and U must be on one device, got W on ", W.device(), ", perm on ",
+              perm.device(), ", U on ", U.device(), "; move them with .to(W.device)");
   TORCH_CHECK(bits >= 2 && bits <= 8, "lrgptq.gptq_quantize: bits must be in 2..8, got ", bits);
   TORCH_CHECK(group_size == -1 || group_size > 0,
               "lrgptq.gptq_quantize: group_size must be -1 (one group per row) or positive, got ", group_size);
@@ -159,20 +154,29 @@ EngineOut gptq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::T
   at::Tensor codes_p = at::empty({d_out, d}, opts.dtype(at::kByte));
   at::Tensor Q_p = at::empty({d_out, d}, opts);
   const int64_t B = std::min(block_size, std::max<int64_t>(d, 1));
-  at::Tensor E = at::zeros({d_out, B}, opts);
   at::Tensor row_loss = at::zeros({d_out}, opts);
   at::Tensor perm_c = perm.contiguous();
 
-  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "gptq_quantize", [&] {
-    Problem<scalar_t> P{d_out, d, U.size(0), gsz, from_original, sym, mse, static_groups,
-                        static_cast<scalar_t>((1 << bits) - 1), Tw.data_ptr<scalar_t>(),
-                        from_original ? W0.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
-                        perm_c.data_ptr<int64_t>(), scales.data_ptr<scalar_t>(), zeros.data_ptr<scalar_t>(),
-                        codes_p.data_ptr<uint8_t>(), Q_p.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(), B,
-                        row_loss.data_ptr<scalar_t>()};
-    if (static_groups) static_grids(P, Wc);
-    run_engine(P, Tw, U, E, B);
-  });
+  if (W.is_cuda()) {
+#ifdef LRGPTQ_WITH_CUDA
+    gptq_engine_cuda({Tw, W0, Wc, U, perm_c, scales, zeros, codes_p, Q_p, row_loss},
+                     {gsz, bits, B, from_original, sym, mse, static_groups});
+#else
+    TORCH_CHECK(false, "lrgptq.gptq_quantize: this build has no CUDA kernels; rebuild with a CUDA torch");
+#endif
+  } else {
+    at::Tensor E = at::zeros({d_out, B}, opts);
+    AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "gptq_quantize", [&] {
+      Problem<scalar_t> P{d_out, d, U.size(0), gsz, from_original, sym, mse, static_groups,
+                          static_cast<scalar_t>((1 << bits) - 1), Tw.data_ptr<scalar_t>(),
+                          from_original ? W0.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
+                          perm_c.data_ptr<int64_t>(), scales.data_ptr<scalar_t>(), zeros.data_ptr<scalar_t>(),
+                          codes_p.data_ptr<uint8_t>(), Q_p.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(), B,
+                          row_loss.data_ptr<scalar_t>()};
+      if (static_groups) static_grids(P, Wc);
+      run_engine(P, Tw, U, E, B);
+    });
+  }
 
   // Back to the original column order.
   at::Tensor codes = identity ? codes_p : at::empty_like(codes_p).index_copy_(1, perm, codes_p);
@@ -201,5 +205,9 @@ EngineOut gptq_quantize_meta(const at::Tensor& W, const at::Tensor& perm, const 
 
 TORCH_LIBRARY_IMPL(lrgptq, CPU, m) { m.impl("gptq_quantize", &gptq_quantize); }
 TORCH_LIBRARY_IMPL(lrgptq, Meta, m) { m.impl("gptq_quantize", &gptq_quantize_meta); }
+#ifdef LRGPTQ_WITH_CUDA
+// Same host code: checks and layout in ATen on the device, the block loop in csrc/cuda/gptq.cu.
+TORCH_LIBRARY_IMPL(lrgptq, CUDA, m) { m.impl("gptq_quantize", &gptq_quantize); }
+#endif
 
 }  // namespace lrgptq

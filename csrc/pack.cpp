@@ -85,8 +85,25 @@ at::Tensor unpack_bits_meta(const at::Tensor& packed, int64_t bits, int64_t dim,
   return at::empty(sizes, packed.options().dtype(at::kByte));
 }
 
+#ifdef LRGPTQ_WITH_CUDA
+// Packing runs once per layer at save/load time: on CUDA tensors it is done on the CPU and the
+// result moved back (no kernel of its own).
+at::Tensor pack_bits_cuda(const at::Tensor& values, int64_t bits, int64_t dim) {
+  return pack_bits(values.cpu(), bits, dim).to(values.device());
+}
+at::Tensor unpack_bits_cuda(const at::Tensor& packed, int64_t bits, int64_t dim, int64_t n) {
+  return unpack_bits(packed.cpu(), bits, dim, n).to(packed.device());
+}
+#endif
+
 }  // namespace
 
+#ifdef LRGPTQ_WITH_CUDA
+TORCH_LIBRARY_IMPL(lrgptq, CUDA, m) {
+  m.impl("pack_bits", &pack_bits_cuda);
+  m.impl("unpack_bits", &unpack_bits_cuda);
+}
+#endif
 TORCH_LIBRARY_IMPL(lrgptq, CPU, m) {
   m.impl("pack_bits", &pack_bits);
   m.impl("unpack_bits", &unpack_bits);

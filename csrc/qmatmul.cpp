@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "bitpack.h"
+#include "cuda_ops.h"
 
 // The hot loops are written to auto-vectorise; build them for AVX-512 and AVX2 too and let the
 // loader pick the widest the CPU has (the default build targets baseline x86-64 only).
@@ -266,9 +267,20 @@ void check_layer(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d_out && at::isFloatingType(bias->scalar_type()),
                 "lrgptq.qmatmul: bias must be a float vector of length out_features = ", d_out, ", got ",
                 bias->scalar_type(), " of shape ", bias->sizes());
-  for (const at::Tensor* t : {&x, &qweight, &qzeros, &scales, &g_idx})
-    TORCH_CHECK(t->device().is_cpu(), "lrgptq.qmatmul: the CPU kernel needs CPU tensors; the CUDA kernel is not ",
-                "written yet");
+  for (const at::Tensor* t : {&qweight, &qzeros, &scales, &g_idx})
+    TORCH_CHECK(t->device() == x.device(), "lrgptq.qmatmul: x, qweight, qzeros, scales and g_idx must be on one ",
+                "device, got x on ", x.device(), " and a tensor on ", t->device(), "; move the layer to x's device");
+  if (bias.has_value())
+    TORCH_CHECK(bias->device() == x.device(), "lrgptq.qmatmul: bias must be on x's device ", x.device(), ", got ",
+                bias->device());
+}
+
+// Y (M, d_out) float32 + bias, in x's dtype and shape (..., d_out).
+at::Tensor finish_output(at::Tensor& Y, const at::Tensor& x, const std::optional<at::Tensor>& bias) {
+  if (bias.has_value()) Y.add_(bias->to(at::kFloat));
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = Y.size(1);
+  return Y.to(x.scalar_type()).reshape(out_sizes);
 }
 
 at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& qzeros,
@@ -278,8 +290,16 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
   const int64_t d = x.size(-1), d_out = scales.size(1);
   at::Tensor X = x.reshape({-1, d}).to(at::kFloat).contiguous();
   const int64_t M = X.size(0);
-  at::Tensor Y = at::zeros({M, d_out}, X.options());
   at::Tensor S = scales.to(at::kFloat).contiguous();
+  if (x.is_cuda()) {
+#ifdef LRGPTQ_WITH_CUDA
+    at::Tensor Yc = qmatmul_cuda(X, qweight.contiguous(), qzeros.contiguous(), S, g_idx.contiguous(), bits, zero_offset);
+    return finish_output(Yc, x, bias);
+#else
+    TORCH_CHECK(false, "lrgptq.qmatmul: this build has no CUDA kernels; rebuild with a CUDA torch");
+#endif
+  }
+  at::Tensor Y = at::zeros({M, d_out}, X.options());
   at::Tensor Z = zero_points(qzeros.contiguous(), bits, d_out, zero_offset);
   at::Tensor qw = qweight.contiguous(), gi = g_idx.contiguous();
   // Whole blocks of 32 inputs inside one group take the factored form; they need Σ x per block.
@@ -327,10 +347,7 @@ at::Tensor qmatmul(const at::Tensor& x, const at::Tensor& qweight, const at::Ten
       });
     }
   }
-  if (bias.has_value()) Y.add_(bias->to(at::kFloat));
-  auto out_sizes = x.sizes().vec();
-  out_sizes.back() = d_out;
-  return Y.to(x.scalar_type()).reshape(out_sizes);
+  return finish_output(Y, x, bias);
 }
 
 // Shapes only, so torch.compile can trace QuantLinear.
@@ -345,5 +362,9 @@ at::Tensor qmatmul_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor
 
 TORCH_LIBRARY_IMPL(lrgptq, CPU, m) { m.impl("qmatmul", &qmatmul); }
 TORCH_LIBRARY_IMPL(lrgptq, Meta, m) { m.impl("qmatmul", &qmatmul_meta); }
+#ifdef LRGPTQ_WITH_CUDA
+// Same checks and output handling; the products in csrc/cuda/qmatmul.cu.
+TORCH_LIBRARY_IMPL(lrgptq, CUDA, m) { m.impl("qmatmul", &qmatmul); }
+#endif
 
 }  // namespace lrgptq

@@ -1,12 +1,17 @@
 // The uniform grid of GPTQ's quantizer (DESIGN §4): per row and group,
 //   scale = (xmax − xmin)/maxq, zero = round(−xmin/scale) (sym: 2^(bits−1)),
 //   q = clamp(round(x/scale) + zero, 0, maxq), dequant = scale·(q − zero).
-// Rounding is half-to-even (std::nearbyint in the default mode), as torch.round.
+// Rounding is half-to-even (nearbyint in the default mode), as torch.round.
+// Shared by the CPU engine and the CUDA engine (LRGPTQ_HD): the same operations in the same order,
+// so in float64 both give the same grids bit for bit (the MSE search's pow excepted: CUDA's pow
+// is not correctly rounded, so a near-tie between two shrink factors may go the other way).
 #pragma once
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+
+#include "hd.h"
 
 namespace lrgptq {
 
@@ -17,32 +22,33 @@ struct Grid {
 };
 
 template <typename T>
-inline T quant_code(T x, const Grid<T>& g, T maxq) {
+LRGPTQ_HD inline T quant_code(T x, const Grid<T>& g, T maxq) {
   return std::min(std::max(std::nearbyint(x / g.scale) + g.zero, T(0)), maxq);
 }
 
 template <typename T>
-inline T dequant(T q, const Grid<T>& g) {
+LRGPTQ_HD inline T dequant(T q, const Grid<T>& g) {
   return g.scale * (q - g.zero);
 }
 
 // Min-max range that contains 0; symmetric ranges mirror the larger side.
 template <typename T>
-inline Grid<T> grid_from_range(T xmin, T xmax, T maxq, bool sym) {
+LRGPTQ_HD inline Grid<T> grid_from_range(T xmin, T xmax, T maxq, bool sym) {
   Grid<T> g;
   g.scale = (xmax - xmin) / maxq;
   g.zero = sym ? std::nearbyint((maxq + 1) / 2) : std::nearbyint(-xmin / g.scale);
   return g;
 }
 
-// Grid for the n values x[0..n) (one row of one group). With mse, the range is shrunk by
-// p = 1 − i/100, i < 80, keeping the p with the least Σ|Q(x) − x|^2.4 (GPTQ's search).
-template <typename T>
-inline Grid<T> find_grid(const T* x, int64_t n, T maxq, bool sym, bool mse) {
+// Grid for the n values x(0..n) (one row of one group; x: pointer or index -> value). With mse,
+// the range is shrunk by p = 1 − i/100, i < 80, keeping the p with the least Σ|Q(x) − x|^2.4
+// (GPTQ's search).
+template <typename T, typename X>
+LRGPTQ_HD inline Grid<T> find_grid_fn(const X& x, int64_t n, T maxq, bool sym, bool mse) {
   T xmin = 0, xmax = 0;
   for (int64_t i = 0; i < n; ++i) {
-    xmin = std::min(xmin, x[i]);
-    xmax = std::max(xmax, x[i]);
+    xmin = std::min(xmin, x(i));
+    xmax = std::max(xmax, x(i));
   }
   if (sym) {
     xmax = std::max(-xmin, xmax);
@@ -59,13 +65,19 @@ inline Grid<T> find_grid(const T* x, int64_t n, T maxq, bool sym, bool mse) {
     const T p = T(1) - T(i) / T(100);
     const Grid<T> g = grid_from_range(p * xmin, p * xmax, maxq, sym);
     T err = 0;
-    for (int64_t t = 0; t < n; ++t) err += std::pow(std::abs(dequant(quant_code(x[t], g, maxq), g) - x[t]), T(2.4));
+    for (int64_t t = 0; t < n; ++t) err += std::pow(std::abs(dequant(quant_code(x(t), g, maxq), g) - x(t)), T(2.4));
     if (err < best_err) {
       best_err = err;
       best = g;
     }
   }
   return best;
+}
+
+// The same for the contiguous values x[0..n).
+template <typename T>
+inline Grid<T> find_grid(const T* x, int64_t n, T maxq, bool sym, bool mse) {
+  return find_grid_fn<T>([x](int64_t i) { return x[i]; }, n, maxq, sym, mse);
 }
 
 }  // namespace lrgptq

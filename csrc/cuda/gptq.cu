@@ -1,0 +1,165 @@
+// The GPTQ engine on CUDA (DESIGN §4): the block loop of csrc/gptq.cpp with
+//   - one kernel launch per block of B columns (never per column): each CUDA thread block owns
+//     kRows rows and holds their block segment T[r, i1:i2] in shared memory (kRows × B values,
+//     stored column-major so that the kRows threads touch consecutive banks); thread r runs the
+//     sequential loop of its row:  q_j = quant(T_j);  e_j = (base_j − Q_j)/U_jj;
+//     T_l −= e_j · U_jl (l in (j, i2));  loss += (T_j − Q_j)²/U_jj².  Row j of U is read by all
+//     threads of a warp at one address (a broadcast).
+//   - the lazy update after the block, T[:, i2:] −= E_block · U[i1:i2, i2:], as one cuBLAS GEMM
+//     through at::addmm_. E is kept column-major (B, d_out) so the kernel's writes coalesce.
+// The quantizer is csrc/quantizer.h, shared with the CPU engine. Compiled with --fmad=false
+// (CMake and scripts/check_cuda.sh) so that, in float64 and within one block, the arithmetic is
+// the CPU engine's operation for operation; across blocks the GEMM sums in cuBLAS's order.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+
+#include "../cuda_ops.h"
+#include "../gptq_blocks.h"
+#include "../quantizer.h"
+
+namespace lrgptq {
+namespace {
+
+constexpr int kRows = 32;                       // rows (threads) per CUDA thread block: one warp
+constexpr size_t kSharedBytes = 48 * 1024;      // the default dynamic shared memory limit
+
+__device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+template <typename T>
+struct Args {
+  int64_t d_out, d, k, gsz;
+  bool from_original, sym, mse, static_groups;
+  T maxq;
+  const T* Tw;  // (d_out, d) targets; read only here (the block segment is copied to the tile)
+  T* Tw_mut;    // the same, written in place when the tile does not fit in shared memory
+  const T* W0;
+  const T* U;
+  const int64_t* perm;
+  T* scales;
+  T* zeros;
+  uint8_t* codes;
+  T* Q;
+  T* E;  // (B, d_out) column-major scaled errors of the block
+  T* row_loss;
+};
+
+// Static groups: the grid of (row r, group g) from the original W, before any update.
+template <typename T>
+__global__ void static_grids_kernel(Args<T> a, const T* W, int64_t G) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= a.d_out * G) return;
+  const int64_t g = idx / a.d_out, r = idx % a.d_out;  // consecutive threads: consecutive rows
+  const T* w = W + r * a.d + g * a.gsz;
+  const Grid<T> grid = find_grid_fn<T>([w](int64_t i) { return w[i]; }, imin(a.gsz, a.d - g * a.gsz),
+                                       a.maxq, a.sym, a.mse);
+  a.scales[g * a.d_out + r] = grid.scale;
+  a.zeros[g * a.d_out + r] = grid.zero;
+}
+
+// The columns [i1, i2) for kRows rows. in_shared: the tile lives in shared memory (else the
+// loop works on Tw in global memory directly, for blocks too wide for shared memory).
+template <typename T>
+__global__ void __launch_bounds__(kRows) block_kernel(Args<T> a, int64_t i1, int64_t i2, bool in_shared) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* tile = reinterpret_cast<T*>(smem);  // tile[c * kRows + lane] = T[row0 + lane, i1 + c]
+  const int lane = threadIdx.x;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t r = row0 + lane;
+  const int64_t bw = i2 - i1, d = a.d;
+  const int64_t rows_here = imin(kRows, a.d_out - row0);
+  if (in_shared) {  // coalesced along the row: thread i loads columns i, i + kRows, ...
+    for (int64_t idx = lane; idx < kRows * bw; idx += kRows) {
+      const int64_t rr = idx / bw, c = idx % bw;
+      tile[c * kRows + rr] = rr < rows_here ? a.Tw[(row0 + rr) * d + i1 + c] : T(0);
+    }
+    __syncthreads();
+  }
+  if (lane >= rows_here) return;  // no barrier below
+  T* t = in_shared ? tile + lane : a.Tw_mut + r * d + i1;  // value of column i1 + c at t[c * cs]
+  const int64_t cs = in_shared ? kRows : 1;
+  const T* trow = a.Tw + r * d;  // columns past the block (only read by a group starting at i1)
+  T loss = 0;
+  for (int64_t j = i1; j < i2; ++j) {
+    const int64_t c = j - i1;
+    if (!a.static_groups && j % a.gsz == 0) {  // group params from the fully updated targets
+      const Grid<T> g = find_grid_fn<T>(
+          [&](int64_t i) { return j + i < i2 ? t[(c + i) * cs] : trow[j + i]; }, imin(a.gsz, d - j), a.maxq,
+          a.sym, a.mse);
+      a.scales[(j / a.gsz) * a.d_out + r] = g.scale;
+      a.zeros[(j / a.gsz) * a.d_out + r] = g.zero;
+    }
+    const int64_t grp = (a.static_groups ? a.perm[j] : j) / a.gsz;
+    const Grid<T> g{a.scales[grp * a.d_out + r], a.zeros[grp * a.d_out + r]};
+    const T tj = t[c * cs];
+    const T q = quant_code(tj, g, a.maxq);
+    const T Qj = dequant(q, g);
+    a.codes[r * d + j] = static_cast<uint8_t>(q);
+    a.Q[r * d + j] = Qj;
+    if (j >= a.k) {  // past rank: rounded, no feedback
+      a.E[c * a.d_out + r] = 0;
+      continue;
+    }
+    const T* u = a.U + j * d;
+    const T ujj = u[j];
+    const T base = a.from_original ? a.W0[r * d + j] : tj;
+    const T err = (base - Qj) / ujj;
+    const T res = (tj - Qj) / ujj;
+    loss += res * res;
+    a.E[c * a.d_out + r] = err;
+    for (int64_t l = j + 1; l < i2; ++l) t[(l - i1) * cs] -= err * u[l];
+  }
+  a.row_loss[r] += loss;
+}
+
+template <typename T>
+void run(const EngineTensors& x, const EngineParams& p) {
+  const int64_t d_out = x.Tw.size(0), d = x.Tw.size(1), k = x.U.size(0);
+  const int64_t B = p.block_size;
+  at::Tensor E = at::zeros({B, d_out}, x.Tw.options());
+  Args<T> a{d_out, d, k, p.gsz, p.from_original, p.sym, p.mse, p.static_groups,
+            static_cast<T>((1 << p.bits) - 1), x.Tw.data_ptr<T>(), x.Tw.data_ptr<T>(),
+            p.from_original ? x.W0.data_ptr<T>() : nullptr, x.U.data_ptr<T>(), x.perm.data_ptr<int64_t>(),
+            x.scales.data_ptr<T>(), x.zeros.data_ptr<T>(), x.codes.data_ptr<uint8_t>(), x.Q.data_ptr<T>(),
+            E.data_ptr<T>(), x.row_loss.data_ptr<T>()};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (d_out == 0 || d == 0) return;
+  if (p.static_groups) {
+    const int64_t G = (d + p.gsz - 1) / p.gsz, n = d_out * G;
+    static_grids_kernel<T><<<static_cast<unsigned>((n + 127) / 128), 128, 0, stream>>>(a, x.Wc.data_ptr<T>(), G);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const unsigned n_tiles = static_cast<unsigned>((d_out + kRows - 1) / kRows);
+  for (int64_t i1 = 0; i1 < d;) {
+    const int64_t i2 = block_end(i1, B, d, p.gsz, p.static_groups);
+    const size_t bytes = static_cast<size_t>(kRows) * (i2 - i1) * sizeof(T);
+    const bool in_shared = bytes <= kSharedBytes;
+    block_kernel<T><<<n_tiles, kRows, in_shared ? bytes : 0, stream>>>(a, i1, i2, in_shared);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // Lazy batch update: T[:, i2:] −= E_blockᵀ... as (d_out, kb) · (kb, d − i2), on cuBLAS.
+    const int64_t kb = std::max<int64_t>(0, std::min(i2, k) - i1);
+    if (i2 < d && kb > 0)
+      x.Tw.narrow(1, i2, d - i2)
+          .addmm_(E.narrow(0, 0, kb).t(), x.U.narrow(0, i1, kb).narrow(1, i2, d - i2), 1, -1);
+    i1 = i2;
+  }
+}
+
+}  // namespace
+
+void gptq_engine_cuda(const EngineTensors& t, const EngineParams& p) {
+  const c10::cuda::CUDAGuard guard(t.Tw.device());
+  TORCH_CHECK(t.Tw.is_contiguous() && t.U.is_contiguous() && t.perm.is_contiguous(),
+              "lrgptq.gptq_quantize (CUDA): internal error, the engine's buffers must be contiguous");
+  if (t.Tw.scalar_type() == at::kDouble) {
+    run<double>(t, p);
+  } else {
+    TORCH_CHECK(t.Tw.scalar_type() == at::kFloat, "lrgptq.gptq_quantize: W must be float32 or float64 on CUDA");
+    run<float>(t, p);
+  }
+}
+
+}  // namespace lrgptq
