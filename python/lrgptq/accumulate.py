@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 
@@ -16,7 +16,8 @@ class Accumulator:
     ``qr`` starts from R0 = sqrt(damp)·I, so that RᵀR = XᵀX + damp·I exactly; it buffers batches
     until 2d rows wait, so each QR of [R; X_b] costs O(d²) per token, as H += X_bᵀX_b does. ``sketch`` keeps
     m = ``sketch_size`` rows; the sketch of a token depends only on (seed, its global index), so
-    two workers that cover disjoint token ranges merge by summing.
+    two workers that cover disjoint token ranges merge by summing. The state lives on ``device``
+    (default: the CPU); batches are moved there, so a CUDA state accumulates on the GPU.
     """
 
     def __init__(
@@ -31,6 +32,7 @@ class Accumulator:
         damp: float = 0.0,
         dtype: torch.dtype = torch.float64,
         token_offset: int = 0,
+        device: Union[str, torch.device, None] = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"Accumulator kind={kind!r} is not allowed: use one of {KINDS}")
@@ -41,18 +43,19 @@ class Accumulator:
         self.offset = token_offset
         self._pending: List[torch.Tensor] = []
         self._pending_rows = 0
+        dev = torch.device("cpu") if device is None else torch.device(device)
         if kind == "gram":
-            self._state = torch.zeros(d, d, dtype=torch.float64)
+            self._state = torch.zeros(d, d, dtype=torch.float64, device=dev)
         elif kind == "qr":
             if dtype not in (torch.float32, torch.float64):
                 raise ValueError(f"Accumulator dtype={dtype} must be torch.float32 or torch.float64")
-            self._state = math.sqrt(damp) * torch.eye(d, dtype=dtype)
+            self._state = math.sqrt(damp) * torch.eye(d, dtype=dtype, device=dev)
         else:
             if sketch_size is None or sketch_size < 1:
                 raise ValueError("Accumulator('sketch') needs sketch_size=m >= 1 (rows of the sketch)")
             if sketch_kind not in ("sparse", "gaussian"):
                 raise ValueError(f"sketch_kind={sketch_kind!r} must be 'sparse' or 'gaussian'")
-            self._state = torch.zeros(sketch_size, d, dtype=torch.float64)
+            self._state = torch.zeros(sketch_size, d, dtype=torch.float64, device=dev)
 
     @property
     def state(self) -> torch.Tensor:
@@ -70,7 +73,7 @@ class Accumulator:
         """Adds a batch of inputs of shape (..., d), any float dtype."""
         if not isinstance(X, torch.Tensor):
             raise TypeError(f"Accumulator.add: X must be a torch.Tensor, got {type(X).__name__}")
-        X = X.detach().cpu()
+        X = X.detach().to(self._state.device)
         n = X.numel() // self.d if X.shape and X.shape[-1] == self.d else 0
         if self.kind == "gram":
             torch.ops.lrgptq.gram_update(self._state, X)

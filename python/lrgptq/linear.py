@@ -29,8 +29,9 @@ class QuantResult:
     report: dict = field(default_factory=dict)
 
 
-def make_accumulator(config: QuantConfig, d: int) -> Accumulator:
-    """The accumulator that ``config`` asks for, for a layer with ``d`` inputs."""
+def make_accumulator(config: QuantConfig, d: int, device: Union[str, torch.device, None] = None) -> Accumulator:
+    """The accumulator that ``config`` asks for, for a layer with ``d`` inputs, on ``device``
+    (default: the CPU)."""
     return Accumulator(
         config.accumulator,
         d,
@@ -38,15 +39,16 @@ def make_accumulator(config: QuantConfig, d: int) -> Accumulator:
         sketch_kind=config.sketch_kind,
         zeta=config.zeta,
         seed=config.seed,
+        device=device,
     )
 
 
-def _accumulate(inputs: Inputs, config: QuantConfig, d: int, name: str) -> Accumulator:
+def _accumulate(inputs: Inputs, config: QuantConfig, d: int, name: str, device: torch.device) -> Accumulator:
     if isinstance(inputs, Accumulator):
         if inputs.d != d:
             raise ValueError(f"{name}: the accumulator has d={inputs.d} but the weight has in_features={d}")
         return inputs
-    acc = make_accumulator(config, d)
+    acc = make_accumulator(config, d, device)
     batches = [inputs] if isinstance(inputs, torch.Tensor) else inputs
     for X in batches:
         if not isinstance(X, torch.Tensor) or X.shape[-1:] != (d,):
@@ -77,7 +79,9 @@ def factorize(acc: Accumulator, config: QuantConfig) -> Factor:
     if route == "rtn":
         if acc.tokens == 0 and config.route != "rtn":
             report["note"] = "no calibration tokens reached this layer: rounded to nearest"
-        return Factor(torch.arange(acc.d), torch.empty(0, acc.d), 0, None, False, route, report)
+        dev = acc.state.device
+        return Factor(torch.arange(acc.d, device=dev), torch.empty(0, acc.d, device=dev), 0, None, False, route,
+                      report)
     perm, U, rank, dead, info = torch.ops.lrgptq.factor(
         acc.state, acc.kind, route, config.order, config.damp, config.damp_ref, config.max_retries,
         config.truncation, config.tau, config.factor_dtype,
@@ -115,12 +119,15 @@ def quantize_linear(
                 raise ValueError(f"the factor is for d={inputs.perm.numel()} inputs, the weight has {d}")
             f = inputs
         else:
-            f = factorize(_accumulate(inputs, cfg, d, name), cfg)
-        W = weight.detach().cpu().to(cfg.compute_dtype)
+            f = factorize(_accumulate(inputs, cfg, d, name, weight.device), cfg)
+        # The engine runs on the weight's device (CPU or CUDA); the factor follows it there.
+        dev = weight.device
+        W = weight.detach().to(cfg.compute_dtype)
         if f.route == "cholesky" and f.dead is not None and bool(f.dead.any()):
-            W[:, f.dead] = 0  # as GPTQ: a feature that never fires gets a zero weight
+            W = W.clone()  # never write into the caller's weight
+            W[:, f.dead.to(dev)] = 0  # as GPTQ: a feature that never fires gets a zero weight
         codes, scales, zeros, g_idx, Q, row_loss = torch.ops.lrgptq.gptq_quantize(
-            W, f.perm, f.U.to(cfg.compute_dtype), f.from_original, cfg.bits, cfg.group_size, cfg.sym,
+            W, f.perm.to(dev), f.U.to(dev, cfg.compute_dtype), f.from_original, cfg.bits, cfg.group_size, cfg.sym,
             cfg.mse, cfg.static_groups, cfg.block_size,
         )
     except (RuntimeError, ValueError) as err:

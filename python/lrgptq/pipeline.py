@@ -136,7 +136,7 @@ def quantize_model(
                 modules = {n: linears[n] for n in subset}
                 # Layers that read one tensor share one accumulator and one factor.
                 readers = {subset[0]: modules[subset[0]]} if shared else modules
-                accs = {n: make_accumulator(cfg, in_features(m)) for n, m in readers.items()}
+                accs = {n: make_accumulator(cfg, in_features(m), m.weight.device) for n, m in readers.items()}
                 if not rtn:
                     with input_hooks(readers, lambda n, X: accs[n].add(X), stop_when_all_seen=True) as reset:
                         _feed_block(block, inputs, reset)

@@ -1,0 +1,246 @@
+"""The CUDA ops against the CPU ops on the same inputs (marked `cuda`; skipped without a GPU).
+
+What must hold, per op:
+- gptq_quantize in float64 within one block (block_size >= d): the CUDA engine does the CPU
+  engine's arithmetic operation for operation (no FMA contraction on either side), so codes,
+  scales, zeros, g_idx, Q and row_loss are bit-identical. With several blocks the lazy update is a
+  cuBLAS GEMM that sums in its own order: codes still agree (a flip needs a value within rounding
+  of a grid midpoint), the floats to 1e-10 relative. The MSE grid search uses CUDA's pow (not
+  correctly rounded): codes agree on >= 99 % of entries.
+- Accumulators: gram and qr to 1e-12 relative; the sketches draw the same S (shared RNG), summed in
+  another order (sparse: atomicAdd), to 1e-12 relative.
+- factor: computed on the CPU for now, so bit-identical.
+- qmatmul: the fused decode kernel (<= 8 rows) to 1e-5 of ‖y‖ (float32 sums in another order);
+  the dequantize + float16 GEMM path (more rows) to 3e-3 of ‖y‖ (float16 operands).
+Each op runs after the CUDA caching allocator has been filled with NaN/0xFF blocks, so an output
+element that a kernel forgets to write shows up as NaN or a wrong code.
+"""
+import pytest
+import torch
+
+import lrgptq  # noqa: F401  (registers torch.ops.lrgptq)
+import reference as ref
+from util import gptq_op, make_perm, problem, rand_X, randn
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+F64 = torch.float64
+OPS = ("gram_update", "qr_update", "sketch_update", "factor", "gptq_quantize", "pack_bits", "unpack_bits", "qmatmul")
+
+
+def poison_cache(n_bytes=64 << 20):
+    """Leaves NaN-filled (0xFF bytes) blocks in the CUDA caching allocator, so at::empty outputs
+    start as garbage that fails every check unless each element is written."""
+    blocks = [torch.full((n_bytes // 8 >> k,), float("nan"), dtype=F64, device="cuda") for k in range(8)]
+    blocks += [torch.full((4096 >> k,), float("nan"), dtype=F64, device="cuda") for k in range(8)]
+    del blocks
+    torch.cuda.synchronize()
+
+
+def cuda(*ts):
+    return [t.cuda() for t in ts]
+
+
+def test_every_op_has_a_cuda_kernel():
+    missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"lrgptq::{op}", "CUDA")]
+    assert not missing, f"no CUDA kernel registered for {missing}: was the extension built with LRGPTQ_CUDA?"
+
+
+def run_both(W, perm, U, **q):
+    cpu = gptq_op(W, perm, U, **q)
+    poison_cache()
+    gpu = gptq_op(*cuda(W, perm, U), **q)
+    torch.cuda.synchronize()
+    return cpu, [t.cpu() for t in gpu]
+
+
+def assert_identical(cpu, gpu, seed):
+    names = ("codes", "scales", "zeros", "g_idx", "Q", "row_loss")
+    for name, a, b in zip(names, cpu, gpu):
+        assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
+        bad = (a != b) & ~(a.isnan() & b.isnan()) if a.is_floating_point() else a != b
+        assert not bad.any(), f"{name} differs at {bad.nonzero()[:5].tolist()} (seed {seed})"
+        if a.is_floating_point():
+            assert not b.isnan().any(), f"{name} has NaN: an element was not written (seed {seed})"
+
+
+def assert_close(cpu, gpu, seed, rtol=1e-10):
+    assert torch.equal(cpu[0], gpu[0]), f"codes differ at {(cpu[0] != gpu[0]).nonzero()[:5].tolist()} (seed {seed})"
+    assert torch.equal(cpu[3], gpu[3]), "g_idx"
+    for i, name in ((1, "scales"), (2, "zeros"), (4, "Q"), (5, "row_loss")):
+        assert not gpu[i].isnan().any(), f"{name} has NaN (seed {seed})"
+        atol = rtol * max(cpu[i].abs().max().item(), 1e-300)
+        torch.testing.assert_close(gpu[i], cpu[i], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m} (seed {seed})")
+
+
+# d = 100: the tile (32 rows × 100 float64) fits in shared memory; d = 256 in one block does not
+# (the kernel works in global memory). Groups: per row, 32, a ragged 24 (last group of 4).
+@pytest.mark.parametrize("d", [100, 256])
+@pytest.mark.parametrize("group_size", [-1, 32, 24])
+@pytest.mark.parametrize("perm_kind,static_groups", [("identity", False), ("act", False), ("act", True)])
+@pytest.mark.parametrize("sym", [False, True])
+def test_engine_one_block_is_bit_identical(gen, d, group_size, perm_kind, static_groups, sym):
+    W, X, H = problem(gen, 70, d)  # 70 rows: a partial tile of 32 rows
+    perm = make_perm(perm_kind, H, gen)
+    U = ref.cholesky_U(H, perm)
+    q = dict(bits=3, group_size=group_size, sym=sym, static_groups=static_groups, block_size=d)
+    assert_identical(*run_both(W, perm, U, **q), gen.initial_seed())
+
+
+@pytest.mark.parametrize("from_original", [False, True])
+@pytest.mark.parametrize("k", [96, 60])  # full rank, and columns past rank 60
+def test_engine_ql_form_and_rank_bit_identical(gen, from_original, k):
+    W, X, H = problem(gen, 40, 96)
+    perm = make_perm("random", H, gen)
+    U = ref.cholesky_U(H, perm)[:k].contiguous()
+    q = dict(bits=4, group_size=32, from_original=from_original, block_size=96)
+    assert_identical(*run_both(W, perm, U, **q), gen.initial_seed())
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 40, 128])
+@pytest.mark.parametrize("group_size", [-1, 32, 48])
+def test_engine_blocks_match_cpu(gen, block_size, group_size):
+    W, X, H = problem(gen, 50, 200)
+    perm = make_perm("act", H, gen)
+    U = ref.cholesky_U(H, perm)
+    q = dict(bits=4, group_size=group_size, block_size=block_size)
+    assert_close(*run_both(W, perm, U, **q), gen.initial_seed())
+
+
+def test_engine_float32_close(gen):
+    W, X, H = problem(gen, 64, 160)
+    perm = make_perm("act", H, gen)
+    U = ref.cholesky_U(H, perm)
+    cpu, gpu = run_both(W.float(), perm, U.float(), bits=4, group_size=32, block_size=64)
+    assert (cpu[0] != gpu[0]).float().mean() < 2e-3, "float32 codes disagree on more than 0.2 %"
+    assert not gpu[4].isnan().any()
+    assert torch.allclose(gpu[5], cpu[5], rtol=1e-3)
+
+
+def test_engine_mse_close(gen):
+    W, X, H = problem(gen, 48, 96)
+    perm = make_perm("act", H, gen)
+    U = ref.cholesky_U(H, perm)
+    cpu, gpu = run_both(W, perm, U, bits=3, group_size=32, mse=True, block_size=96)
+    assert (cpu[0] != gpu[0]).float().mean() < 1e-2, "mse codes disagree on more than 1 %"
+    assert abs(gpu[5].sum() - cpu[5].sum()) <= 1e-2 * cpu[5].sum()
+
+
+@pytest.mark.parametrize("ugly", ["dead", "outlier", "collinear", "few_tokens"])
+@pytest.mark.parametrize("route", ["cholesky", "svdqr", "ql"])
+def test_quantize_linear_ugly_inputs(gen, ugly, route):
+    """DESIGN §6's ugly cases through quantize_linear with the weight on CUDA vs on the CPU."""
+    d, N = 64, 256
+    X = rand_X(gen, N, d)
+    if ugly == "dead":
+        X[:, 5] = 0
+    elif ugly == "outlier":
+        X[:, 7] *= 100
+    elif ugly == "collinear":
+        X[:, 9] = 2 * X[:, 3]
+    else:
+        X = X[:40]
+    W = randn(gen, 24, d)
+    acc = "gram" if route == "cholesky" else "qr"
+    cfg = lrgptq.QuantConfig(bits=4, group_size=16, route=route, accumulator=acc, block_size=32,
+                               compute_dtype=F64)
+    cpu = lrgptq.quantize_linear(W, X, cfg)
+    poison_cache()
+    gpu = lrgptq.quantize_linear(W.cuda(), X.cuda(), cfg)
+    assert gpu.codes.is_cuda and gpu.weight.is_cuda
+    assert torch.isfinite(gpu.weight).all()
+    assert torch.equal(gpu.codes.cpu(), cpu.codes), f"codes differ (seed {gen.initial_seed()})"
+    torch.testing.assert_close(gpu.weight.cpu(), cpu.weight, rtol=1e-10, atol=1e-10)
+    assert abs(gpu.loss - cpu.loss) <= 1e-8 * max(cpu.loss, 1.0)
+
+
+def test_accumulators_match_cpu(gen):
+    ops = torch.ops.lrgptq
+    d, m = 48, 20
+    X = [rand_X(gen, n, d) for n in (30, 1, 77)]
+    states = {
+        "gram": torch.zeros(d, d, dtype=F64),
+        "qr": 0.1 * torch.eye(d, dtype=F64),
+        "sparse": torch.zeros(m, d, dtype=F64),
+        "gaussian": torch.zeros(m, d, dtype=F64),
+    }
+    gpu = {k: v.cuda() for k, v in states.items()}
+    offset = 0
+    for Xb in X:
+        for S, Xs in ((states, Xb), (gpu, Xb.cuda())):
+            ops.gram_update(S["gram"], Xs)
+            ops.qr_update(S["qr"], Xs)
+            ops.sketch_update(S["sparse"], Xs, 7, offset, "sparse", 4)
+            ops.sketch_update(S["gaussian"], Xs, 7, offset, "gaussian", 0)
+        offset += Xb.shape[0]
+    for k in states:
+        a, b = states[k], gpu[k].cpu()
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12 * a.abs().max().item(), msg=lambda s: f"{k}: {s}")
+
+
+@pytest.mark.parametrize("route,source", [("cholesky", "gram"), ("svdqr", "qr"), ("ql", "qr")])
+def test_factor_matches_cpu(gen, route, source):
+    W, X, H = problem(gen, 4, 40)
+    A = H if source == "gram" else ref.qr_R(X)
+    args = (source, route, "act", 0.01, "mean", 8, "none", 0.0, F64)
+    cpu = torch.ops.lrgptq.factor(A, *args)
+    gpu = torch.ops.lrgptq.factor(A.cuda(), *args)
+    for a, b in zip(cpu, gpu):
+        if isinstance(a, torch.Tensor):
+            assert b.is_cuda and torch.equal(a, b.cpu())
+        else:
+            assert a == b
+
+
+def make_layer(gen, d, d_out, bits, group_size, act_order):
+    """A random GPTQ-layout layer (v1 zero points) as its packed tensors."""
+    ops = torch.ops.lrgptq
+    G = (d + group_size - 1) // group_size
+    codes = torch.randint(0, 2**bits, (d_out, d), generator=gen, dtype=torch.uint8)
+    zeros = torch.randint(1, 2**bits, (G, d_out), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(G, d_out, generator=gen, dtype=F64) * 0.02 + 0.001).half()
+    g_idx = torch.arange(d, dtype=torch.int32) // group_size
+    if act_order:
+        g_idx = g_idx[torch.randperm(d, generator=gen)]
+    qweight = ops.pack_bits(codes.t().contiguous(), bits, 0)
+    qzeros = ops.pack_bits((zeros.int() - 1).to(torch.uint8), bits, 1)
+    W = scales.double()[g_idx.long()].t() * (codes.double() - zeros.double()[g_idx.long()].t())
+    return qweight, qzeros, scales, g_idx, W
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 33])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_qmatmul_matches_reference(gen, bits, rows, act_order):
+    d, d_out = 640, 200  # d spans two 512-input chunks; d_out a partial tile of 128 outputs
+    qweight, qzeros, scales, g_idx, W = make_layer(gen, d, d_out, bits, 64, act_order)
+    x = randn(gen, rows, d)
+    bias = randn(gen, d_out).half()
+    y_ref = x @ W.t() + bias.double()
+    poison_cache()
+    y = torch.ops.lrgptq.qmatmul(*cuda(x.float(), qweight, qzeros, scales, g_idx), bits, 1, bias.cuda())
+    assert y.is_cuda and y.dtype == torch.float32 and y.shape == (rows, d_out)
+    err = (y.double().cpu() - y_ref).norm() / y_ref.norm()
+    assert err < (1e-5 if rows <= 8 else 3e-3), f"relative error {err:.2e} (seed {gen.initial_seed()})"
+
+
+def test_qmatmul_batch_shape_and_dtype(gen):
+    qweight, qzeros, scales, g_idx, W = make_layer(gen, 128, 64, 4, 32, False)
+    x = randn(gen, 2, 3, 128).half()
+    y = torch.ops.lrgptq.qmatmul(*cuda(x, qweight, qzeros, scales, g_idx), 4, 1, None)
+    assert y.shape == (2, 3, 64) and y.dtype == torch.float16
+    y_ref = x.double() @ W.t()
+    assert (y.double().cpu() - y_ref).norm() / y_ref.norm() < 1e-3
+
+
+def test_mixed_devices_raise_clear_errors(gen):
+    W, X, H = problem(gen, 8, 16)
+    U = ref.cholesky_U(H, torch.arange(16))
+    with pytest.raises(RuntimeError, match="one device"):
+        gptq_op(W.cuda(), torch.arange(16), U)
+    qweight, qzeros, scales, g_idx, _ = make_layer(gen, 64, 32, 4, 32, False)
+    with pytest.raises(RuntimeError, match="one device"):
+        torch.ops.lrgptq.qmatmul(torch.ones(1, 64, device="cuda"), qweight, qzeros, scales, g_idx, 4, 1, None)
