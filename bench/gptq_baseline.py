@@ -17,7 +17,7 @@ import torch
 
 def find_params(x: torch.Tensor, maxq: int, sym: bool):
     """GPTQ Quantizer.find_params(x, weight=True): per-row (scale, zero), shapes (rows, 1)."""
-    tmp = torch.zeros(x.shape[0], dtype=x.dtype)
+    tmp = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     xmin = torch.minimum(x.min(1)[0], tmp)
     xmax = torch.maximum(x.max(1)[0], tmp)
     if sym:
@@ -96,6 +96,6 @@ def codes_of(Q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, groupsi
     """Integer codes back from the dequantized Q (exact: Q = scale·(q − zero))."""
     d = Q.shape[1]
     gs = d if groupsize == -1 else groupsize
-    g = torch.arange(d) // gs
+    g = torch.arange(d, device=Q.device) // gs
     s, z = scales[g].T, zeros[g].T  # (d_out, d)
     return torch.round(Q / s + z).to(torch.uint8)

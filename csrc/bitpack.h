@@ -14,10 +14,10 @@
 
 namespace lrgptq {
 
-inline bool valid_bits(int64_t bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 8; }
+LRGPTQ_HD inline bool valid_bits(int64_t bits) { return bits == 2 || bits == 3 || bits == 4 || bits == 8; }
 
 // Words that hold n values of `bits` bits.
-inline int64_t packed_words(int64_t n, int64_t bits) { return (n * bits + 31) / 32; }
+LRGPTQ_HD inline int64_t packed_words(int64_t n, int64_t bits) { return (n * bits + 31) / 32; }
 
 // Value i of a stream, from its words (word w of the stream at words[w * stride]).
 LRGPTQ_HD inline uint32_t stream_get(const int32_t* words, int64_t stride, int64_t i, int64_t bits) {

@@ -59,8 +59,13 @@ at::Tensor reverse_cols(const at::Tensor& A) { return A.flip({1}); }
 // rank-1 updates of the residual diagonal, trailing matrix updated by one GEMM per panel).
 // Same pivots as geqp3 in exact arithmetic; resolves residuals down to tol·max diag(G).
 // Returns (perm, number of pivots taken before the residual fell below tol).
+// The loop runs on the CPU whatever G's device (cuSOLVER has no pivoted QR): a CUDA G makes a
+// round trip of d×d doubles, and perm goes back to G's device. Every other step of the routes is
+// an ATen op, so on CUDA it runs on the GPU (cuSOLVER/cuBLAS).
 std::tuple<at::Tensor, int64_t> pivoted_order(at::Tensor G, int64_t kmax, double tol) {
-  G = G.to(at::kDouble).clone(at::MemoryFormat::Contiguous);  // worked on in place: never the caller's
+  const c10::Device device = G.device();
+  // Worked on in place: always a private contiguous float64 CPU copy, never the caller's G.
+  G = G.to(at::kCPU, at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous();
   const int64_t n = G.size(0), nb = 64;
   kmax = std::min(kmax, n);
   at::Tensor L = at::zeros({n, std::max<int64_t>(kmax, 1)}, G.options());
@@ -106,7 +111,7 @@ std::tuple<at::Tensor, int64_t> pivoted_order(at::Tensor G, int64_t kmax, double
       G.narrow(0, jend, n - jend).narrow(1, jend, n - jend).addmm_(L21, L21.t(), 1.0, -1.0);
     }
   }
-  return {perm, taken};
+  return {perm.to(device), taken};
 }
 
 at::Tensor order_perm(c10::string_view order, const at::Tensor& diagH, const at::Tensor& G_for_pivot,
@@ -316,25 +321,12 @@ FactorOut factor(const at::Tensor& A, c10::string_view source, c10::string_view 
   TORCH_CHECK(false, "lrgptq.factor: route must be 'cholesky', 'svdqr' or 'ql', got '", route, "'");
 }
 
-#ifdef LRGPTQ_WITH_CUDA
-// On CUDA the factor is, for now, computed on the CPU (LAPACK, with geqp3 for the pivoted QR that
-// cuSOLVER lacks) and its outputs are moved back to A's device: a d×d round trip per layer. The
-// randomised pivot choice on the GPU (DESIGN §3) is not written yet.
-FactorOut factor_cuda(const at::Tensor& A, c10::string_view source, c10::string_view route,
-                      c10::string_view order, double damp, c10::string_view damp_ref, int64_t max_retries,
-                      c10::string_view truncation, double tau, at::ScalarType dtype) {
-  auto [perm, U, rank, dead, info] =
-      factor(A.cpu(), source, route, order, damp, damp_ref, max_retries, truncation, tau, dtype);
-  const c10::Device dev = A.device();
-  return {perm.to(dev), U.to(dev), rank, dead.to(dev), info.to(dev)};
-}
-#endif
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrgptq, CPU, m) { m.impl("factor", &factor); }
 #ifdef LRGPTQ_WITH_CUDA
-TORCH_LIBRARY_IMPL(lrgptq, CUDA, m) { m.impl("factor", &factor_cuda); }
+// The same function: ATen ops on the GPU, the pivot loop on the CPU (pivoted_order).
+TORCH_LIBRARY_IMPL(lrgptq, CUDA, m) { m.impl("factor", &factor); }
 #endif
 
 }  // namespace lrgptq

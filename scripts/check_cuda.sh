@@ -8,10 +8,12 @@
 #
 # nvcc: $NVCC, else nvcc on PATH, else /usr/local/cuda/bin/nvcc, else the pip package
 # nvidia-cuda-nvcc (cu13) installed into a cache dir ($LRGPTQ_CUDA_CACHE, default ~/.cache/lrgptq/cuda).
-# Usage: scripts/check_cuda.sh [python]   (the python whose torch supplies the headers; default python)
+# Usage: scripts/check_cuda.sh [python [file.cu ...]]
+#   python: the one whose torch supplies the headers (default python); files: default csrc/cuda/*.cu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${1:-python}"
+shift || true
 CACHE="${LRGPTQ_CUDA_CACHE:-$HOME/.cache/lrgptq/cuda}"
 
 find_nvcc() {
@@ -46,7 +48,7 @@ for inc in "${TORCH_INC[@]}"; do FLAGS+=("-isystem" "$inc"); done
 
 "$NVCC_BIN" --version | tail -1
 shopt -s nullglob
-files=(csrc/cuda/*.cu)
+if [ $# -gt 0 ]; then files=("$@"); else files=(csrc/cuda/*.cu); fi
 if [ ${#files[@]} -eq 0 ]; then echo "check_cuda: no CUDA sources"; exit 0; fi
 # Two at a time (CI has 2 cores); each job's log is printed, and any failure fails the script.
 pids=(); names=()

@@ -1,7 +1,7 @@
 // The GPTQ engine on CUDA (DESIGN §4): the block loop of csrc/gptq.cpp with
 //   - one kernel launch per block of B columns (never per column): each CUDA thread block owns
 //     kRows rows and holds their block segment T[r, i1:i2] in shared memory (kRows × B values,
-//     stored column-major so that the kRows threads touch consecutive banks); thread r runs the
+//     stored column-major, padded, so that the kRows threads touch distinct banks); thread r runs the
 //     sequential loop of its row:  q_j = quant(T_j);  e_j = (base_j − Q_j)/U_jj;
 //     T_l −= e_j · U_jl (l in (j, i2));  loss += (T_j − Q_j)²/U_jj².  Row j of U is read by all
 //     threads of a warp at one address (a broadcast).
@@ -25,6 +25,9 @@ namespace lrgptq {
 namespace {
 
 constexpr int kRows = 32;                       // rows (threads) per CUDA thread block: one warp
+constexpr int kStride = kRows + 1;              // tile column stride: padded so that both the
+                                                // loads (along a row) and the loop (down a column)
+                                                // touch 32 different banks
 constexpr size_t kSharedBytes = 48 * 1024;      // the default dynamic shared memory limit
 
 __device__ __forceinline__ int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -65,7 +68,7 @@ __global__ void static_grids_kernel(Args<T> a, const T* W, int64_t G) {
 template <typename T>
 __global__ void __launch_bounds__(kRows) block_kernel(Args<T> a, int64_t i1, int64_t i2, bool in_shared) {
   extern __shared__ __align__(16) unsigned char smem[];
-  T* tile = reinterpret_cast<T*>(smem);  // tile[c * kRows + lane] = T[row0 + lane, i1 + c]
+  T* tile = reinterpret_cast<T*>(smem);  // tile[c * kStride + lane] = T[row0 + lane, i1 + c]
   const int lane = threadIdx.x;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int64_t r = row0 + lane;
@@ -74,13 +77,13 @@ __global__ void __launch_bounds__(kRows) block_kernel(Args<T> a, int64_t i1, int
   if (in_shared) {  // coalesced along the row: thread i loads columns i, i + kRows, ...
     for (int64_t idx = lane; idx < kRows * bw; idx += kRows) {
       const int64_t rr = idx / bw, c = idx % bw;
-      tile[c * kRows + rr] = rr < rows_here ? a.Tw[(row0 + rr) * d + i1 + c] : T(0);
+      tile[c * kStride + rr] = rr < rows_here ? a.Tw[(row0 + rr) * d + i1 + c] : T(0);
     }
     __syncthreads();
   }
   if (lane >= rows_here) return;  // no barrier below
   T* t = in_shared ? tile + lane : a.Tw_mut + r * d + i1;  // value of column i1 + c at t[c * cs]
-  const int64_t cs = in_shared ? kRows : 1;
+  const int64_t cs = in_shared ? kStride : 1;
   const T* trow = a.Tw + r * d;  // columns past the block (only read by a group starting at i1)
   T loss = 0;
   for (int64_t j = i1; j < i2; ++j) {
@@ -135,7 +138,7 @@ void run(const EngineTensors& x, const EngineParams& p) {
   const unsigned n_tiles = static_cast<unsigned>((d_out + kRows - 1) / kRows);
   for (int64_t i1 = 0; i1 < d;) {
     const int64_t i2 = block_end(i1, B, d, p.gsz, p.static_groups);
-    const size_t bytes = static_cast<size_t>(kRows) * (i2 - i1) * sizeof(T);
+    const size_t bytes = static_cast<size_t>(kStride) * (i2 - i1) * sizeof(T);
     const bool in_shared = bytes <= kSharedBytes;
     block_kernel<T><<<n_tiles, kRows, in_shared ? bytes : 0, stream>>>(a, i1, i2, in_shared);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -3,9 +3,9 @@
 // q and z read with the packing rule of csrc/bitpack.h (shared with the CPU), so 2/3/4/8 bits
 // and act-order g_idx all take the same code.
 //   - Few rows of x (M <= kFusedRows, decode): a fused kernel. Thread n owns output n: it walks
-//     its column of qweight (consecutive threads read consecutive words: coalesced), dequantizes
-//     each value in registers and accumulates x[m, i] · w for the M rows; x's chunk sits in
-//     shared memory. The inputs are split over gridDim.y chunks so that small layers still fill
+//     its column of qweight one pack block (32 inputs, `bits` words) at a time (consecutive
+//     threads read consecutive words: coalesced), unpacks and dequantizes in registers and
+//     accumulates x[m, i] · w for the M rows; x's and g_idx's chunk sit in shared memory. The inputs are split over gridDim.y chunks so that small layers still fill
 //     the GPU; the chunks' partial sums meet by atomicAdd (float: equal to rounding, not bit for bit).
 //   - More rows: each weight is dequantized once into a float16 (d, d_out) buffer (memory-bound,
 //     the packed weight read once) and the product is one cuBLAS GEMM (at::mm) with float32
@@ -44,28 +44,62 @@ __device__ __forceinline__ float weight(const Layer& L, int64_t i, int64_t n) {
   return L.S[g * L.d_out + n] * (q - z);
 }
 
+// Value v (0..31) of a pack block's BITS words w (the bit stream of csrc/bitpack.h: 32 values
+// fill BITS words; for 3 bits, values 10 and 21 straddle two words). v is a compile-time
+// constant after unrolling, so this is a shift, maybe an OR, and a mask in registers.
+template <int BITS>
+__device__ __forceinline__ uint32_t extract(const uint32_t (&w)[BITS], int v) {
+  const int off = v * BITS, k = off >> 5, sh = off & 31;
+  uint32_t x = w[k] >> sh;
+  if (sh + BITS > 32) x |= w[k + 1] << (32 - sh);
+  return x & ((1u << BITS) - 1u);
+}
+
 // Inputs [blockIdx.y · span, ...) for outputs blockIdx.x · kThreads + threadIdx.x; the rows < rows
 // of x (rows <= M, the compile-time row count; the rows past it are zeros in shared memory).
-template <int M>
+// Per pack block of 32 inputs, thread n loads its BITS words of qweight once (consecutive
+// threads: consecutive words) and unpacks the 32 values in registers; the grid (s, z) is
+// reloaded only when g_idx changes (once per group without act-order).
+template <int M, int BITS>
 __global__ void __launch_bounds__(kThreads) fused_kernel(Layer L, const float* X, float* Y, int rows, int64_t span) {
   __shared__ float xs[M][kChunk];
+  __shared__ int32_t gs[kChunk];
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t i_begin = static_cast<int64_t>(blockIdx.y) * span;
   const int64_t i_end = i_begin + span < L.d ? i_begin + span : L.d;
+  const int64_t words = packed_words(L.d, BITS);
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
-  for (int64_t c0 = i_begin; c0 < i_end; c0 += kChunk) {
-    const int64_t cn = i_end - c0 < kChunk ? i_end - c0 : kChunk;
+  int32_t g_last = -1;
+  float s = 0.f, z = 0.f;
+  for (int64_t c0 = i_begin; c0 < i_end; c0 += kChunk) {  // c0: a multiple of kChunk, so of 32
+    const int cn = static_cast<int>(i_end - c0 < kChunk ? i_end - c0 : kChunk);
     __syncthreads();  // the previous chunk is no longer read
-    for (int64_t idx = threadIdx.x; idx < M * cn; idx += kThreads)
+    for (int idx = threadIdx.x; idx < M * cn; idx += kThreads)
       xs[idx / cn][idx % cn] = idx / cn < rows ? X[(idx / cn) * L.d + c0 + idx % cn] : 0.f;
+    for (int idx = threadIdx.x; idx < cn; idx += kThreads) gs[idx] = L.g_idx[c0 + idx];
     __syncthreads();
-    if (n < L.d_out) {
-      for (int64_t c = 0; c < cn; ++c) {
-        const float w = weight(L, c0 + c, n);
+    if (n >= L.d_out) continue;  // no barrier is skipped: the next one is at the loop's top
+    for (int b = 0; b < cn; b += 32) {
+      const int64_t word0 = (c0 + b) / 32 * BITS;
+      uint32_t w[BITS];
 #pragma unroll
-        for (int m = 0; m < M; ++m) acc[m] += xs[m][c] * w;
+      for (int k = 0; k < BITS; ++k)
+        w[k] = word0 + k < words ? static_cast<uint32_t>(L.qw[(word0 + k) * L.d_out + n]) : 0u;
+#pragma unroll
+      for (int v = 0; v < 32; ++v) {
+        if (b + v < cn) {
+          const int32_t g = gs[b + v];
+          if (g != g_last) {
+            g_last = g;
+            s = L.S[g * L.d_out + n];
+            z = static_cast<float>(stream_get(L.qz + g * L.zw, 1, n, BITS)) + L.zero_offset;
+          }
+          const float wv = s * (static_cast<float>(extract<BITS>(w, v)) - z);
+#pragma unroll
+          for (int m = 0; m < M; ++m) acc[m] += xs[m][b + v] * wv;
+        }
       }
     }
   }
@@ -92,8 +126,15 @@ void launch_fused(const Layer& L, const at::Tensor& X, at::Tensor& Y, cudaStream
   const int64_t parts = std::min<int64_t>(want, (L.d + kChunk - 1) / kChunk);
   const int64_t span = ((L.d + parts - 1) / parts + kChunk - 1) / kChunk * kChunk;
   const dim3 grid(static_cast<unsigned>(nx), static_cast<unsigned>((L.d + span - 1) / span));
-  fused_kernel<M><<<grid, kThreads, 0, stream>>>(L, X.data_ptr<float>(), Y.data_ptr<float>(),
-                                                 static_cast<int>(X.size(0)), span);
+  const int rows = static_cast<int>(X.size(0));
+  const float* x = X.data_ptr<float>();
+  float* y = Y.data_ptr<float>();
+  switch (L.bits) {
+    case 2: fused_kernel<M, 2><<<grid, kThreads, 0, stream>>>(L, x, y, rows, span); break;
+    case 3: fused_kernel<M, 3><<<grid, kThreads, 0, stream>>>(L, x, y, rows, span); break;
+    case 4: fused_kernel<M, 4><<<grid, kThreads, 0, stream>>>(L, x, y, rows, span); break;
+    default: fused_kernel<M, 8><<<grid, kThreads, 0, stream>>>(L, x, y, rows, span); break;
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
