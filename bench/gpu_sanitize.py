@@ -16,7 +16,8 @@ OPS = torch.ops.lrgptq
 def main() -> None:
     gen = torch.Generator().manual_seed(0)
     dev = "cuda"
-    for d_out, d, B in ((45, 100, 100), (45, 100, 32), (33, 256, 256)):  # shared / shared / global tile
+    # Tiles: shared, shared, and for (33, 256, 256) global in float64 (shared in float32).
+    for d_out, d, B in ((45, 100, 100), (45, 100, 32), (33, 256, 256)):
         X = torch.randn(3 * d, d, generator=gen, dtype=torch.float64)
         H = X.T @ X
         for static, order in ((False, "identity"), (False, "act"), (True, "act")):

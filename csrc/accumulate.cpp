@@ -60,7 +60,7 @@ void sketch_update(at::Tensor Y, const at::Tensor& X, int64_t seed, int64_t offs
     if (kind == "sparse") {
       sketch_sparse_cuda(Y, Xb, s, offset, zeta);
     } else {
-      Y.addmm_(sketch_gaussian_matrix_cuda(m, N, s, offset, Y.options()), Xb);
+      sketch_gaussian_cuda(Y, Xb, s, offset);
     }
     return;
 #else
@@ -132,7 +132,7 @@ TORCH_LIBRARY_IMPL(lrgptq, CPU, m) {
 
 #ifdef LRGPTQ_WITH_CUDA
 // gram and qr are ATen ops (cuBLAS GEMM in H's dtype, float64 by default; cuSOLVER geqrf), so the
-// CPU functions run unchanged on CUDA tensors; the sketch's draws run in csrc/cuda/accumulate.cu.
+// CPU functions run unchanged on CUDA tensors; the sketches run in csrc/cuda/accumulate.cu.
 TORCH_LIBRARY_IMPL(lrgptq, CUDA, m) {
   m.impl("gram_update", &gram_update);
   m.impl("qr_update", &qr_update);

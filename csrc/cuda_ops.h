@@ -34,9 +34,9 @@ void gptq_engine_cuda(const EngineTensors& t, const EngineParams& p);
 // (seed, offset + t) by sketch_hash, zeta entries ±1/√zeta (same draws as the CPU op).
 void sketch_sparse_cuda(at::Tensor& Y, const at::Tensor& X, uint64_t seed, int64_t offset, int64_t zeta);
 
-// Gaussian sketch matrix S (m, N) float64 with S[r, t] = sketch_normal(seed, offset + t, r)/√m.
-at::Tensor sketch_gaussian_matrix_cuda(int64_t m, int64_t N, uint64_t seed, int64_t offset,
-                                       const at::TensorOptions& opts);
+// Gaussian sketch: Y (m, d) += S X with S[r, t] = sketch_normal(seed, offset + t, r)/√m (the CPU
+// op's S), generated inside the product's tiles: S is never stored.
+void sketch_gaussian_cuda(at::Tensor& Y, const at::Tensor& X, uint64_t seed, int64_t offset);
 
 // Quantized matmul: X (M, d) float32 contiguous times the dequantized weight's transpose, (M, d_out)
 // float32; S float32 (G, d_out); qweight, qzeros, g_idx contiguous int32 on X's device, checked

@@ -7,8 +7,8 @@ What must hold, per op:
   cuBLAS GEMM that sums in its own order: codes still agree (a flip needs a value within rounding
   of a grid midpoint), the floats to 1e-10 relative. The MSE grid search uses CUDA's pow (not
   correctly rounded): codes agree on >= 99 % of entries.
-- Accumulators: gram and qr to 1e-12 relative; the sketches draw the same S (shared RNG), summed in
-  another order (sparse: atomicAdd), to 1e-12 relative.
+- Accumulators: gram and qr to 1e-12 relative; the sketches draw the same S (shared RNG; the
+  Gaussian one inside the product's tiles), summed in another order, to 1e-12 relative.
 - factor: cuSOLVER/cuBLAS instead of LAPACK (the pivot loop still on the CPU): same perm and rank,
   U to 1e-9 relative on well-conditioned inputs.
 - qmatmul: the fused decode kernel (<= 8 rows) to 1e-5 of ‖y‖ (float32 sums in another order);
@@ -78,7 +78,7 @@ def assert_close(cpu, gpu, seed, rtol=1e-10):
         torch.testing.assert_close(gpu[i], cpu[i], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m} (seed {seed})")
 
 
-# d = 100: the tile (32 rows × 100 float64, padded to 33) fits in 48 KiB of shared memory; d = 256 in one block does not
+# d = 100: the tile (32 rows × 100 float64, stride 40) fits in 48 KiB of shared memory; d = 256 in one block does not
 # (the kernel works in global memory). Groups: per row, 32, a ragged 24 (last group of 4).
 @pytest.mark.parametrize("d", [100, 256])
 @pytest.mark.parametrize("group_size", [-1, 32, 24])

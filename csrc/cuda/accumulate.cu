@@ -2,8 +2,9 @@
 // csrc/sketch_rng.h, shared with the CPU op so that both devices draw the same S:
 //   sparse:   Y += S_b X_b with zeta entries ±1/√zeta per token, scattered by atomicAdd (the order
 //             of the sums differs from the CPU's token order: equal to rounding, not bit for bit);
-//   gaussian: S (m × N) with S[r, t] = N(0, 1)/√m from sketch_normal, then one GEMM (the caller).
-//             CUDA's log/cos are not correctly rounded, so S matches the CPU's to a few ulps.
+//   gaussian: Y += S_b X_b with S[r, t] = N(0, 1)/√m from sketch_normal, drawn tile by tile inside
+//             the product, never stored. CUDA's log/cos are not correctly rounded, so S matches
+//             the CPU's to a few ulps.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,7 +19,7 @@ namespace lrgptq {
 namespace {
 
 constexpr int kMaxZeta = 64;       // draws per token kept in registers; larger zeta: CPU op
-constexpr int kThreads = 256;
+constexpr int kThreads = 256;       // sparse: threads per token
 
 // One thread block per token t (blockIdx.x); its threads draw the same zeta rows (cheap hashes)
 // and split the d columns: Y[row_l, c] += v_l · X[t, c].
@@ -44,11 +45,44 @@ __global__ void sketch_sparse_kernel(double* Y, const double* X, int64_t m, int6
   }
 }
 
-__global__ void sketch_gaussian_kernel(double* S, int64_t m, int64_t N, uint64_t seed, int64_t offset, double a) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= m * N) return;
-  const int64_t r = idx / N, t = idx % N;
-  S[idx] = a * sketch_normal(seed, static_cast<uint64_t>(offset + t), static_cast<uint64_t>(r));
+// Y (m × d) += S X for X (N × d), S[r, t] = a · sketch_normal(seed, offset + t, r), without S in
+// memory: a thread block owns a kTile × kTile tile of Y and, per kTile tokens, draws its
+// kTile × kTile piece of S into shared memory (redrawn by each column tile of Y: about
+// d/kTile draws per entry of S, against 2d flops of product per entry), loads the matching piece of
+// X and accumulates. blockDim (kTile, kTile / kRowsPerThread): each thread owns kRowsPerThread rows.
+constexpr int kTile = 32;
+constexpr int kRowsPerThread = 4;
+__global__ void __launch_bounds__(kTile * kTile / kRowsPerThread)
+    sketch_gaussian_kernel(double* Y, const double* X, int64_t m, int64_t N, int64_t d, uint64_t seed,
+                           int64_t offset, double a) {
+  __shared__ double Ss[kTile][kTile + 1];
+  __shared__ double Xs[kTile][kTile + 1];
+  constexpr int kStep = kTile / kRowsPerThread;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, c0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  double acc[kRowsPerThread] = {};
+  for (int64_t t0 = 0; t0 < N; t0 += kTile) {
+    for (int i = ty; i < kTile; i += kStep) {
+      const int64_t r = r0 + i, t = t0 + tx;  // S[r, t]: row i of the tile, token tx
+      Ss[i][tx] = r < m && t < N ? a * sketch_normal(seed, static_cast<uint64_t>(offset + t), static_cast<uint64_t>(r))
+                                 : 0.0;
+      const int64_t tt = t0 + i, c = c0 + tx;  // X[tt, c]: token i of the tile, column tx
+      Xs[i][tx] = tt < N && c < d ? X[tt * d + c] : 0.0;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int k = 0; k < kTile; ++k) {
+      const double x = Xs[k][tx];
+#pragma unroll
+      for (int q = 0; q < kRowsPerThread; ++q) acc[q] += Ss[ty + kStep * q][k] * x;
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int q = 0; q < kRowsPerThread; ++q) {
+    const int64_t r = r0 + ty + kStep * q, c = c0 + tx;
+    if (r < m && c < d) Y[r * d + c] += acc[q];
+  }
 }
 
 }  // namespace
@@ -69,17 +103,19 @@ void sketch_sparse_cuda(at::Tensor& Y, const at::Tensor& X, uint64_t seed, int64
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor sketch_gaussian_matrix_cuda(int64_t m, int64_t N, uint64_t seed, int64_t offset,
-                                       const at::TensorOptions& opts) {
-  const c10::cuda::CUDAGuard guard(opts.device());
-  at::Tensor S = at::empty({m, N}, opts.dtype(at::kDouble));
-  const int64_t n = m * N;
-  if (n == 0) return S;
-  const double a = 1.0 / std::sqrt(static_cast<double>(m));
-  sketch_gaussian_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0,
-                           c10::cuda::getCurrentCUDAStream()>>>(S.data_ptr<double>(), m, N, seed, offset, a);
+void sketch_gaussian_cuda(at::Tensor& Y, const at::Tensor& X, uint64_t seed, int64_t offset) {
+  const c10::cuda::CUDAGuard guard(Y.device());
+  TORCH_CHECK(Y.is_contiguous() && X.is_contiguous() && X.scalar_type() == at::kDouble,
+              "lrgptq.sketch_update (CUDA): internal error, Y and X must be contiguous float64");
+  const int64_t N = X.size(0), m = Y.size(0), d = Y.size(1);
+  if (N == 0 || m == 0 || d == 0) return;
+  TORCH_CHECK((m + kTile - 1) / kTile < 65536, "lrgptq.sketch_update: on CUDA, m must be < ", 65536 * kTile,
+              ", got ", m);
+  const dim3 grid(static_cast<unsigned>((d + kTile - 1) / kTile), static_cast<unsigned>((m + kTile - 1) / kTile));
+  const dim3 block(kTile, kTile / kRowsPerThread);
+  sketch_gaussian_kernel<<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      Y.data_ptr<double>(), X.data_ptr<double>(), m, N, d, seed, offset, 1.0 / std::sqrt(static_cast<double>(m)));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return S;
 }
 
 }  // namespace lrgptq
