@@ -163,7 +163,7 @@ def test_quantize_linear_ugly_inputs(gen, ugly, route):
 
 def test_accumulators_match_cpu(gen):
     ops = torch.ops.lrgptq
-    d, m = 48, 20
+    d, m = 48, 40  # tiles of 32: partial column, row and token tiles
     X = [rand_X(gen, n, d) for n in (30, 1, 77)]
     states = {
         "gram": torch.zeros(d, d, dtype=F64),
