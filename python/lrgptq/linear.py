@@ -29,8 +29,9 @@ class QuantResult:
     report: dict = field(default_factory=dict)
 
 
-def make_accumulator(config: QuantConfig, d: int) -> Accumulator:
-    """The accumulator that ``config`` asks for, for a layer with ``d`` inputs."""
+def make_accumulator(config: QuantConfig, d: int, token_offset: int = 0) -> Accumulator:
+    """The accumulator that ``config`` asks for, for a layer with ``d`` inputs; ``token_offset``:
+    the global index of the first token it will see (a sketch's counter, for merging workers)."""
     return Accumulator(
         config.accumulator,
         d,
@@ -38,6 +39,7 @@ def make_accumulator(config: QuantConfig, d: int) -> Accumulator:
         sketch_kind=config.sketch_kind,
         zeta=config.zeta,
         seed=config.seed,
+        token_offset=token_offset,
     )
 
 
