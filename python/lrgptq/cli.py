@@ -48,11 +48,18 @@ def _config(args: argparse.Namespace) -> QuantConfig:
     )
 
 
-def _load(path: str, gguf_file: Optional[str]):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _tokenizer(path: str, gguf_file: Optional[str] = None):
+    from transformers import AutoTokenizer
 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
+
+
+def _load(path: str, gguf_file: Optional[str]):
+    from transformers import AutoModelForCausalLM
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = _tokenizer(path, gguf_file)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kw)
     return model.eval(), tok
 
@@ -85,11 +92,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if not args.save or args.gguf_file:
             raise ValueError("--stream reads the model's safetensors files and writes the checkpoint as it goes: "
                              "give --save DIR, and a model directory with safetensors (not --gguf-file)")
-        from transformers import AutoTokenizer
-
         from .streaming import quantize_streamed
 
-        tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        tok = _tokenizer(args.model)
         model = None
     else:
         model, tok = _load(args.model, args.gguf_file)
