@@ -76,7 +76,7 @@ def per_block(m: Model, tokens: int, route: str, r: Rates, gpus: int) -> Dict[st
     # A routed expert sees about tokens x top_k / experts tokens (top-1 of 128 here).
     n_of = {name: (n / (c - 1) if c > 1 else n) for name, _, _, c in m.subsets}
     acc_bytes = max(8 * d * d for _, d, _, _ in m.subsets)  # one H alive at a time (true_sequential)
-    factor_bytes = 9 * acc_bytes  # the factor op's peak, ~9 d x d float64 (VmHWM rise at d = 512 here)
+    factor_bytes = 5 * acc_bytes  # the factor op's peak: 5 d x d float64 (VmHWM rise at d = 5632 here)
     act_bytes = 2 * 4 * n * m.hidden  # inputs and outputs of the block, float32
     t_acc = sum(2 * n_of[s] * d * d * c / r.gram for s, d, _, c in m.subsets)
     c_f = r.chol_c if route == "cholesky" else r.svdqr_c
