@@ -21,7 +21,7 @@ from .calib import Calib, calibration_batches
 from .capture import BlockInput, StopForward, first_block_inputs, in_features, input_hooks
 from .config import QuantConfig
 from .distributed import Comm
-from .linear import QuantResult, factorize, make_accumulator, quantize_linear
+from .linear import QuantResult, make_accumulator
 from .models import find_blocks, find_linears, set_weight_matrix, weight_matrix
 
 
