@@ -55,7 +55,7 @@ def assert_same_files(a: Path, b: Path) -> None:
 def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, gen, arch, cfg):
     model, src = saved(arch, tmp_path, gen)
     ids = torch.randint(0, VOCAB, (4, 32), generator=gen)
-    qc = lrgptq.QuantConfig(bits=4, group_size=32, **cfg)
+    qc = lrgptq.QuantConfig(**{"bits": 4, "group_size": 32, **cfg})
     report = streaming.quantize_streamed(src, ids, tmp_path / "streamed", qc, dtype=torch.float32, progress=False)
     ref = lrgptq.quantize_model(model, ids, qc, progress=False)
     lrgptq.save(model, ref, tmp_path / "ref", dtype=torch.float32)
@@ -68,6 +68,30 @@ def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, gen, arch, cfg):
     cfg_a = json.loads((tmp_path / "streamed" / "config.json").read_text())["quantization_config"]
     cfg_b = json.loads((tmp_path / "ref" / "config.json").read_text())["quantization_config"]
     assert cfg_a == cfg_b
+
+
+def test_a_zero_point_in_a_later_block_turns_the_earlier_blocks_into_v2(tmp_path, gen):
+    # Block 1's up_proj has no negative weight, so its asymmetric grids have z = 0, which v1
+    # cannot store: block 0 was already written as v1 and must be rewritten as gptq_v2.
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = ARCHS["llama"]().eval()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.abs_()
+    model.save_pretrained(tmp_path / "src")
+    ids = torch.randint(0, VOCAB, (4, 32), generator=gen)
+    qc = lrgptq.QuantConfig(bits=4, group_size=32)
+    with pytest.warns(UserWarning, match="zero points equal to 0"):
+        streaming.quantize_streamed(tmp_path / "src", ids, tmp_path / "out", qc, dtype=torch.float32, progress=False)
+    manifest = json.loads((tmp_path / "out" / streaming.MANIFEST).read_text())
+    assert "model.layers.1.mlp.up_proj" in manifest["blocks"]["1"]["zero_point_layers"]
+    assert not manifest["blocks"]["0"]["zero_point_layers"]
+    ref = lrgptq.quantize_model(model, ids, qc, progress=False)
+    with pytest.warns(UserWarning, match="zero points equal to 0"):
+        lrgptq.save(model, ref, tmp_path / "ref", dtype=torch.float32)
+    a, b = lrgptq.load(tmp_path / "out"), lrgptq.load(tmp_path / "ref")
+    assert a.model.layers[0].self_attn.q_proj.checkpoint_format == "gptq_v2"
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_a_fault_after_block_k_resumes_from_the_spilled_activations(tmp_path, gen):
