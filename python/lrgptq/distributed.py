@@ -47,6 +47,10 @@ class Comm:
     def split(self, batches: List[Any]) -> List[Any]:
         return batches
 
+    def agree(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (decisions taken from data that differ per rank)."""
+        return value
+
     def merge(self, acc: Accumulator) -> Accumulator:
         return acc
 
@@ -89,6 +93,11 @@ class Distributed(Comm):
         self.token_offset = sum(_tokens(b) for b in batches[: bounds[self.rank]])
         return batches[bounds[self.rank] : bounds[self.rank + 1]]
 
+    def agree(self, value: Any) -> Any:
+        box = [value]
+        self.dist.broadcast_object_list(box, src=self._global(0), group=self.group, device=self._obj_device)
+        return box[0]
+
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         buf = t.to(self.device)
         self.dist.all_reduce(buf, group=self.group)
@@ -123,9 +132,7 @@ class Distributed(Comm):
 
     def factorize(self, acc: Accumulator, config: QuantConfig) -> Factor:
         """Rank 0 factors the merged accumulator; every rank gets the same Factor."""
-        box = [factorize(acc, config) if self.rank == 0 else None]
-        self.dist.broadcast_object_list(box, src=self._global(0), group=self.group, device=self._obj_device)
-        return box[0]
+        return self.agree(factorize(acc, config) if self.rank == 0 else None)
 
     @property
     def _obj_device(self) -> Optional[torch.device]:

@@ -113,7 +113,9 @@ class BlockStep:
         if rtn:  # no inputs needed: one subset, no capture, no forward passes
             subsets = [(list(linears), False)]
         elif self.true_sequential:
-            subsets = sequential_subsets(block, linears, inputs[0])
+            # Which layers share an input is read from one batch; every rank must use rank 0's
+            # answer (an MoE expert that rank 0's batch misses may be reached on another rank).
+            subsets = comm.agree(sequential_subsets(block, linears, inputs[0]))
         else:
             subsets = [(list(linears), False)]
         results: Dict[str, QuantResult] = {}
