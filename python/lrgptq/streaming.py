@@ -268,7 +268,6 @@ def quantize_streamed(
     while str(first) in done:
         report.layers.extend(done[str(first)]["layers"])
         first += 1
-    request = "auto" if checkpoint_format == "auto" else checkpoint_format
     try:
         with eval_mode(model):
             inputs: List[BlockInput] = []
@@ -283,7 +282,7 @@ def quantize_streamed(
                 _load_params(block, prefix, files, src)
                 results = step.quantize_block(i, block, inputs)
                 rows = [r for r in report.layers if r["block"] == i]
-                entry = _write_block(model, out, i, prefix, results, rows, cfg, true_sequential, request, dtype,
+                entry = _write_block(model, out, i, prefix, results, rows, cfg, true_sequential, checkpoint_format, dtype,
                                      comm, block)
                 if not rtn:
                     inputs = next_inputs(block, inputs)
