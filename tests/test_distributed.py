@@ -35,6 +35,10 @@ def _inputs(seed: int):
     return model, ids, X
 
 
+def _odd_weight(seed: int) -> torch.Tensor:
+    return torch.randn(37, 40, generator=torch.Generator().manual_seed(seed + 1))
+
+
 def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -55,6 +59,13 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
             for x in X[lo:hi]:
                 acc.add(x)
             results[kind]["_state"] = (comm.merge(acc).state.clone(), acc.tokens)
+        # A layer whose 37 rows do not split evenly: padded pieces, gathered in row order.
+        qc = lrgptq.QuantConfig(**CONFIGS["gram"])
+        acc = lrgptq.linear.make_accumulator(qc, 40, 0)
+        for x in X:
+            acc.add(x)
+        res = comm.quantize(_odd_weight(seed), comm.factorize(acc, qc), qc, "odd")
+        results["odd"] = (res.codes, res.scales, res.zeros, res.weight)
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -88,3 +99,10 @@ def test_two_gloo_processes_match_one_process(tmp_path, gen):
             state, ref = state.T @ state, ref.T @ ref  # RᵀR = H whatever the signs
         err = float((state - ref).abs().max() / ref.abs().max())
         assert err <= 1e-13, f"{kind}: merged state differs by {err:.2e} (relative)"
+    qc = lrgptq.QuantConfig(**CONFIGS["gram"])
+    acc = lrgptq.linear.make_accumulator(qc, 40, 0)
+    for x in _inputs(seed)[2]:
+        acc.add(x)
+    ref = lrgptq.quantize_linear(_odd_weight(seed), acc, qc)
+    for got_t, want in zip(got["odd"], (ref.codes, ref.scales, ref.zeros, ref.weight)):
+        assert torch.equal(got_t, want)

@@ -143,15 +143,28 @@ class Distributed(Comm):
         d_out = weight.shape[0]
         if d_out < self.world:  # too few rows to share: every rank does the whole layer
             return quantize_linear(weight, factor, config, name=name)
-        r0, r1 = d_out * self.rank // self.world, d_out * (self.rank + 1) // self.world
-        part = quantize_linear(weight[r0:r1], factor, config, name=name)
-        mine = (part.codes, part.scales, part.zeros, part.weight, part.row_loss)
-        pieces: List[Any] = [None] * self.world
-        self.dist.all_gather_object(pieces, mine, group=self.group)
-        codes, scales, zeros, W, row_loss = (torch.cat(p, dim=d) for p, d in zip(zip(*pieces), (0, 1, 1, 0, 0)))
+        bounds = [d_out * r // self.world for r in range(self.world + 1)]
+        part = quantize_linear(weight[bounds[self.rank] : bounds[self.rank + 1]], factor, config, name=name)
+        rows = [b - a for a, b in zip(bounds, bounds[1:])]
+        codes = self._gather_rows(part.codes, rows, 0)
+        scales = self._gather_rows(part.scales, rows, 1)
+        zeros = self._gather_rows(part.zeros, rows, 1)
+        W = self._gather_rows(part.weight, rows, 0)
+        row_loss = self._gather_rows(part.row_loss, rows, 0)
         loss = float(row_loss.sum())
         report = {**part.report, "loss": loss}
         return QuantResult(codes, scales, zeros, part.g_idx, W, loss, row_loss, part.perm, part.rank, report)
+
+    def _gather_rows(self, t: torch.Tensor, rows: List[int], dim: int) -> torch.Tensor:
+        """Every rank's piece of a per-row tensor (rows along ``dim``), concatenated in rank order;
+        pieces are padded to the largest so that one all_gather of tensors moves them."""
+        most = max(rows)
+        pad = list(t.shape)
+        pad[dim] = most - t.shape[dim]
+        mine = torch.cat([t, t.new_zeros(pad)], dim=dim).to(self.device) if pad[dim] else t.to(self.device)
+        pieces = [torch.empty_like(mine) for _ in range(self.world)]
+        self.dist.all_gather(pieces, mine.contiguous(), group=self.group)
+        return torch.cat([p.narrow(dim, 0, n).cpu() for p, n in zip(pieces, rows)], dim=dim)
 
     def barrier(self) -> None:
         self.dist.barrier(group=self.group)
