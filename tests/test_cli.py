@@ -60,3 +60,20 @@ def test_bad_option_is_an_error_not_a_traceback(tmp_path, monkeypatch, capsys):
     text.write_text("short text " * 100)
     assert cli.main(["quantize", "tiny", "--calib", str(text), "--bits", "9", "--seqlen", "16"]) == 2
     assert "bits" in capsys.readouterr().err
+
+
+def test_quantize_stream_writes_and_resumes_a_checkpoint(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    ARCHS["llama"]().eval().save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(cli, "_tokenizer", lambda path, gguf=None: CharTokenizer())
+    text = tmp_path / "calib.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession. " * 40)
+    argv = ["quantize", str(tmp_path / "model"), "--stream", "--calib", str(text), "--nsamples", "4",
+            "--seqlen", "32", "--group-size", "32", "--save", str(tmp_path / "ckpt")]
+    assert cli.main(argv) == 0
+    assert "model.layers.1.mlp.down_proj" in capsys.readouterr().out
+    loaded = lrgptq.load(str(tmp_path / "ckpt"), dtype=torch.float32)
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, lrgptq.QuantLinear)
+    assert cli.main(argv) == 0  # a finished run: nothing left to quantize, the same checkpoint
+    assert cli.main(argv[:-1] + [str(tmp_path / "model")]) == 2  # not a directory it may write into
+    assert "refusing" in capsys.readouterr().err

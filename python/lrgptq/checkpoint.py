@@ -27,7 +27,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import torch
 from torch import nn
@@ -78,12 +78,7 @@ def save(
         raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
     prepared = gptq.prepare(model, report, checkpoint_format, dtype)
     tensors = _tensors_to_save(model, prepared.modules, dtype)
-    cfg = config.to_dict()
-    cfg["architectures"] = cfg.get("architectures") or [type(model).__name__]
-    for key in ("dtype", "torch_dtype"):  # transformers 5 reads "dtype", 4.x "torch_dtype"
-        if key == "dtype" or key in cfg:
-            cfg[key] = str(dtype).replace("torch.", "")
-    cfg["quantization_config"] = prepared.quantization_config
+    cfg = model_config(model, dtype, prepared.quantization_config)
     with _atomic_dir(out_dir) as tmp:
         files = _write_shards(tensors, tmp, max_shard_size)
         _write_json(tmp / "config.json", cfg)
@@ -99,6 +94,17 @@ def save(
         )
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     return Saved(Path(out_dir).absolute(), fmt, files, size, zero)
+
+
+def model_config(model: nn.Module, dtype: torch.dtype, quantization_config: Dict[str, Any]) -> Dict[str, Any]:
+    """config.json's content: the model's transformers config, its dtype, the quantization block."""
+    cfg = model.config.to_dict()
+    cfg["architectures"] = cfg.get("architectures") or [type(model).__name__]
+    for key in ("dtype", "torch_dtype"):  # transformers 5 reads "dtype", 4.x "torch_dtype"
+        if key == "dtype" or key in cfg:
+            cfg[key] = str(dtype).replace("torch.", "")
+    cfg["quantization_config"] = quantization_config
+    return cfg
 
 
 def load(path: PathLike, dtype: Optional[torch.dtype] = None) -> nn.Module:
@@ -147,26 +153,25 @@ def load(path: PathLike, dtype: Optional[torch.dtype] = None) -> nn.Module:
 # ----------------------------------------------------------------------------- saving
 
 
-def _tensors_to_save(model: nn.Module, packed: Dict[str, nn.Module], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+def _tensors_to_save(
+    model: nn.Module,
+    packed: Dict[str, nn.Module],
+    dtype: torch.dtype,
+    include: Optional[Callable[[str], bool]] = None,
+) -> Dict[str, torch.Tensor]:
     """The model's state less the quantized layers' float weights (the rest cast to ``dtype``),
     plus their packed tensors. A tied parameter (e.g. lm_head = embed_tokens) is written once;
-    loaders re-tie it."""
+    loaders re-tie it. ``include``: which state-dict keys to consider (default all)."""
     out: Dict[str, torch.Tensor] = {}
     seen = set()
     for key, t in model.state_dict().items():
-        if key.rpartition(".")[0] in packed:
+        if key.rpartition(".")[0] in packed or (include is not None and not include(key)):
             continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
         if ident in seen:
             continue
         seen.add(ident)
-        t = t.detach().cpu()
-        if t.is_floating_point() and t.dtype != dtype:
-            cast = t.to(dtype)
-            if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(t).all()):
-                raise ValueError(f"{key} overflows {dtype}; save with dtype=torch.float32 (or bfloat16)")
-            t = cast
-        out[key] = t.contiguous()
+        out[key] = cast_checked(key, t.detach().cpu(), dtype)
     for name, module in packed.items():
         for key, t in module.state_dict().items():
             out[f"{name}.{key}"] = t.contiguous()
@@ -178,6 +183,16 @@ def _tensors_to_save(model: nn.Module, packed: Dict[str, nn.Module], dtype: torc
             out[key] = t.clone()
         owners.setdefault(ptr, key)
     return out
+
+
+def cast_checked(key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float tensor cast to the checkpoint's ``dtype`` (ValueError if that overflows), others as is."""
+    if t.is_floating_point() and t.dtype != dtype:
+        cast = t.to(dtype)
+        if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(t).all()):
+            raise ValueError(f"{key} overflows {dtype}; save with dtype=torch.float32 (or bfloat16)")
+        t = cast
+    return t.contiguous()
 
 
 def _write_shards(tensors: Dict[str, torch.Tensor], root: Path, max_bytes: int) -> List[str]:
@@ -205,6 +220,23 @@ def _write_shards(tensors: Dict[str, torch.Tensor], root: Path, max_bytes: int) 
         _write_json(root / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
         names.append(INDEX)
     return names
+
+
+def save_file_atomic(tensors: Dict[str, torch.Tensor], path: Path) -> None:
+    """Writes a safetensors file under a temporary name, syncs it, then renames it into place."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """``_write_json`` under a temporary name, then renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    _write_json(tmp, obj)
+    os.replace(tmp, path)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import List, Optional
@@ -47,13 +48,36 @@ def _config(args: argparse.Namespace) -> QuantConfig:
     )
 
 
-def _load(path: str, gguf_file: Optional[str]):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _tokenizer(path: str, gguf_file: Optional[str] = None):
+    from transformers import AutoTokenizer
 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
+
+
+def _load(path: str, gguf_file: Optional[str]):
+    from transformers import AutoModelForCausalLM
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = _tokenizer(path, gguf_file)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kw)
     return model.eval(), tok
+
+
+def _comm(args: argparse.Namespace):
+    """The process group for --distributed (torchrun's environment), else one process."""
+    from .distributed import Comm, Distributed
+
+    if not args.distributed:
+        return Comm()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return Distributed()
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -62,22 +86,43 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .pipeline import quantize_model
 
     cfg = _config(args)
-    model, tok = _load(args.model, args.gguf_file)
+    comm = _comm(args)
+    say = print if comm.is_writer else (lambda *a, **k: None)
+    if args.stream:
+        if not args.save or args.gguf_file:
+            raise ValueError("--stream reads the model's safetensors files and writes the checkpoint as it goes: "
+                             "give --save DIR, and a model directory with safetensors (not --gguf-file)")
+        from .streaming import quantize_streamed
+
+        tok = _tokenizer(args.model)
+        model = None
+    else:
+        model, tok = _load(args.model, args.gguf_file)
     with open(args.calib, encoding="utf-8") as f:
         calib = text_windows(f.read(), tok, args.nsamples, args.seqlen, args.seed)
-    report = quantize_model(model, calib, cfg, skip=tuple(args.skip), true_sequential=not args.no_true_sequential)
-    print(report.table())
-    print(f"quantized {len(report.layers)} layers in {report.seconds:.1f} s")
-    if args.eval_text:
-        with open(args.eval_text, encoding="utf-8") as f:
-            ids = tok(f.read(), return_tensors="pt")["input_ids"]
-        print(f"perplexity (window {args.window}): {perplexity(model, ids, args.window, args.max_windows):.3f}")
-    if args.save:
+    common = dict(skip=tuple(args.skip), true_sequential=not args.no_true_sequential, comm=comm,
+                  progress=comm.is_writer)
+    if args.stream:
+        report = quantize_streamed(args.model, calib, args.save, cfg, tokenizer=tok, spill=args.spill, **common)
+    else:
+        report = quantize_model(model, calib, cfg, **common)
+    say(report.table())
+    say(f"quantized {len(report.layers)} layers in {report.seconds:.1f} s")
+    if args.save and not args.stream and comm.is_writer:
         from .checkpoint import save
 
         save(model, report, args.save, tok)
-        print(f"saved the GPTQ checkpoint to {args.save}")
-    if args.report:
+    if args.save and comm.is_writer:
+        say(f"saved the GPTQ checkpoint to {args.save}")
+    if args.eval_text and comm.is_writer:
+        if args.stream:
+            from .checkpoint import load
+
+            model = load(args.save, dtype=torch.float32)
+        with open(args.eval_text, encoding="utf-8") as f:
+            ids = tok(f.read(), return_tensors="pt")["input_ids"]
+        say(f"perplexity (window {args.window}): {perplexity(model, ids, args.window, args.max_windows):.3f}")
+    if args.report and comm.is_writer:
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump({"config": cfg.to_dict(), "layers": report.layers, "seconds": report.seconds}, f, indent=1)
     return 0
@@ -117,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-windows", type=int, help="cap on perplexity windows")
     q.add_argument("--save", help="write the quantized model here as a GPTQ checkpoint (safetensors + configs)")
     q.add_argument("--report", help="write the per-layer report as JSON here")
+    q.add_argument("--stream", action="store_true",
+                   help="never load the whole model: read one block at a time from the safetensors files and "
+                        "write it to --save at once; rerun the same command to resume a stopped run")
+    q.add_argument("--spill", action="store_true",
+                   help="with --stream: keep the activations between blocks in a file under --save, not in memory")
+    q.add_argument("--distributed", action="store_true",
+                   help="share the work between the processes of a torchrun launch (gloo on CPU, NCCL on GPU): "
+                        "torchrun --nproc-per-node N -m lrgptq.cli quantize --distributed ...")
     _add_quant_options(q)
     q.set_defaults(func=cmd_quantize)
 

@@ -29,9 +29,12 @@ class QuantResult:
     report: dict = field(default_factory=dict)
 
 
-def make_accumulator(config: QuantConfig, d: int, device: Union[str, torch.device, None] = None) -> Accumulator:
+def make_accumulator(
+    config: QuantConfig, d: int, device: Union[str, torch.device, None] = None, token_offset: int = 0
+) -> Accumulator:
     """The accumulator that ``config`` asks for, for a layer with ``d`` inputs, on ``device``
-    (default: the CPU)."""
+    (default: the CPU); ``token_offset``: the global index of the first token it will see (a
+    sketch's counter, for merging workers)."""
     return Accumulator(
         config.accumulator,
         d,
@@ -40,6 +43,7 @@ def make_accumulator(config: QuantConfig, d: int, device: Union[str, torch.devic
         zeta=config.zeta,
         seed=config.seed,
         device=device,
+        token_offset=token_offset,
     )
 
 

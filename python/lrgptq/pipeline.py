@@ -9,9 +9,10 @@ weight already changed is put back and the hooks are gone.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -19,7 +20,8 @@ from torch import nn
 from .calib import Calib, calibration_batches
 from .capture import BlockInput, StopForward, first_block_inputs, in_features, input_hooks
 from .config import QuantConfig
-from .linear import QuantResult, factorize, make_accumulator, quantize_linear
+from .distributed import Comm
+from .linear import QuantResult, make_accumulator
 from .models import find_blocks, find_linears, set_weight_matrix, weight_matrix
 
 
@@ -88,6 +90,86 @@ def sequential_subsets(
     return subsets
 
 
+@dataclass
+class BlockStep:
+    """What quantizing one block needs besides the block and its inputs; the in-memory walk
+    (quantize_model) and the streamed one (streaming.quantize_streamed) share it."""
+
+    config: QuantConfig
+    block_path: str
+    report: ModelReport
+    skip: Tuple[str, ...] = ()
+    true_sequential: bool = True
+    comm: Comm = field(default_factory=Comm)
+    backups: Optional[List[Tuple[nn.Module, torch.Tensor]]] = None  # weights to restore on failure
+    bar: Any = None
+
+    def quantize_block(self, i: int, block: nn.Module, inputs: List[BlockInput]) -> Dict[str, QuantResult]:
+        """Quantizes block ``i``'s linears in place (subset by subset), fills the report's rows and
+        returns the engine's result per layer name."""
+        cfg, comm = self.config, self.comm
+        rtn = cfg.route == "rtn"
+        linears = find_linears(block, self.skip)
+        if rtn:  # no inputs needed: one subset, no capture, no forward passes
+            subsets = [(list(linears), False)]
+        elif self.true_sequential:
+            # Which layers share an input is read from one batch; every rank must use rank 0's
+            # answer (an MoE expert that rank 0's batch misses may be reached on another rank).
+            subsets = comm.agree(sequential_subsets(block, linears, inputs[0]))
+        else:
+            subsets = [(list(linears), False)]
+        results: Dict[str, QuantResult] = {}
+        for subset, shared in subsets:
+            modules = {n: linears[n] for n in subset}
+            # Layers that read one tensor share one accumulator and one factor.
+            readers = {subset[0]: modules[subset[0]]} if shared else modules
+            accs = {
+                n: make_accumulator(cfg, in_features(m), m.weight.device, comm.token_offset)
+                for n, m in readers.items()
+            }
+            if not rtn:
+                with input_hooks(readers, lambda n, X: accs[n].add(X), stop_when_all_seen=True) as reset:
+                    _feed_block(block, inputs, reset)
+            factors = {n: comm.factorize(comm.merge(acc), cfg) for n, acc in accs.items()}
+            for n, m in modules.items():
+                name = f"{self.block_path}.{i}.{n}"
+                t0 = time.perf_counter()
+                res = comm.quantize(weight_matrix(m), factors[subset[0] if shared else n], cfg, name)
+                if self.backups is not None:
+                    self.backups.append((m, m.weight.detach().clone()))
+                set_weight_matrix(m, res.weight)
+                res.weight = torch.empty(0)  # the module holds it; keep only what packing needs
+                results[name] = res
+                row = {"name": name, "block": i, "d_out": res.codes.shape[0], "d": res.codes.shape[1],
+                       "seconds": time.perf_counter() - t0, **res.report}
+                self.report.layers.append(row)
+                if self.bar is not None:
+                    self.bar.set_postfix_str(f"{n} rank {res.rank} loss {res.loss:.3g}")
+        return results
+
+
+def next_inputs(block: nn.Module, inputs: List[BlockInput]) -> List[BlockInput]:
+    """The next block's inputs: this block's outputs, with the same extra arguments."""
+    outputs = _run_block(block, inputs)
+    return [((_hidden(out),) + args[1:], kwargs) for out, (args, kwargs) in zip(outputs, inputs)]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Evaluation mode without a KV cache for the walk; the model's own settings come back after."""
+    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
+    if use_cache is not None:
+        model.config.use_cache = False
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+        model.train(was_training)
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -100,65 +182,38 @@ def quantize_model(
     true_sequential: bool = True,
     max_length: int = 2048,
     progress: bool = True,
+    comm: Optional[Comm] = None,
 ) -> ModelReport:
     """Quantizes every linear layer inside ``model``'s blocks in place; returns a report.
 
     ``calib``: a list of strings (with ``tokenizer``), a LongTensor of token ids (N, L), or an
     iterable of such tensors or of dicts with ``input_ids``. ``blocks``: dotted path of the
     block list when discovery picks the wrong one. ``skip``: substrings of layer names to leave
-    in full precision. The model's weights hold the dequantized values afterwards; the codes,
-    scales, zeros and g_idx of each layer are in ``report.results`` for packing.
+    in full precision. ``comm``: a :class:`lrgptq.distributed.Distributed` to share the work
+    between the processes of a torch.distributed group (every rank calls this with the same
+    model and calibration data, and every rank ends with the whole quantized model). The model's
+    weights hold the dequantized values afterwards; the codes, scales, zeros and g_idx of each
+    layer are in ``report.results`` for packing.
     """
     cfg = config if config is not None else QuantConfig()
+    comm = comm if comm is not None else Comm()
     start = time.perf_counter()
-    batches = calibration_batches(calib, tokenizer, max_length=max_length)
+    batches = comm.split(calibration_batches(calib, tokenizer, max_length=max_length))
     block_path, block_list = find_blocks(model, blocks)
     report = ModelReport(cfg, true_sequential=true_sequential)
     backups: List[Tuple[nn.Module, torch.Tensor]] = []
-    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
-    if use_cache is not None:
-        model.config.use_cache = False
-    was_training = model.training
-    model.eval()
-    bar = _progress(len(block_list), progress)
+    bar = _progress(len(block_list), progress and comm.is_writer)
+    step = BlockStep(cfg, block_path, report, tuple(skip), true_sequential, comm, backups, bar)
     try:
-        rtn = cfg.route == "rtn"
-        inputs = [] if rtn else first_block_inputs(model, block_list[0], batches)
-        for i, block in enumerate(block_list):
-            linears = find_linears(block, tuple(skip))
-            if rtn:  # no inputs needed: one subset, no capture, no forward passes
-                subsets = [(list(linears), False)]
-            elif true_sequential:
-                subsets = sequential_subsets(block, linears, inputs[0])
-            else:
-                subsets = [(list(linears), False)]
-            for subset, shared in subsets:
-                modules = {n: linears[n] for n in subset}
-                # Layers that read one tensor share one accumulator and one factor.
-                readers = {subset[0]: modules[subset[0]]} if shared else modules
-                accs = {n: make_accumulator(cfg, in_features(m), m.weight.device) for n, m in readers.items()}
+        with eval_mode(model):
+            rtn = cfg.route == "rtn"
+            inputs = [] if rtn else first_block_inputs(model, block_list[0], batches)
+            for i, block in enumerate(block_list):
+                report.results.update(step.quantize_block(i, block, inputs))
                 if not rtn:
-                    with input_hooks(readers, lambda n, X: accs[n].add(X), stop_when_all_seen=True) as reset:
-                        _feed_block(block, inputs, reset)
-                factors = {n: factorize(acc, cfg) for n, acc in accs.items()}
-                for n, m in modules.items():
-                    name = f"{block_path}.{i}.{n}"
-                    t0 = time.perf_counter()
-                    res = quantize_linear(weight_matrix(m), factors[subset[0] if shared else n], cfg, name=name)
-                    backups.append((m, m.weight.detach().clone()))
-                    set_weight_matrix(m, res.weight)
-                    res.weight = torch.empty(0)  # the module holds it; keep only what packing needs
-                    report.results[name] = res
-                    row = {"name": name, "block": i, "d_out": res.codes.shape[0], "d": res.codes.shape[1],
-                           "seconds": time.perf_counter() - t0, **res.report}
-                    report.layers.append(row)
-                    if bar is not None:
-                        bar.set_postfix_str(f"{n} rank {res.rank} loss {res.loss:.3g}")
-            if not rtn:
-                outputs = _run_block(block, inputs)
-                inputs = [((_hidden(out),) + args[1:], kwargs) for out, (args, kwargs) in zip(outputs, inputs)]
-            if bar is not None:
-                bar.update(1)
+                    inputs = next_inputs(block, inputs)
+                if bar is not None:
+                    bar.update(1)
     except BaseException:
         for module, weight in reversed(backups):
             with torch.no_grad():
@@ -167,9 +222,6 @@ def quantize_model(
     finally:
         if bar is not None:
             bar.close()
-        if use_cache is not None:
-            model.config.use_cache = use_cache
-        model.train(was_training)
     report.seconds = time.perf_counter() - start
     return report
 

@@ -143,7 +143,18 @@ def prepare(
             res.codes, scales, res.zeros, res.g_idx, cfg.bits, cfg.group_size, linear.bias, fmt, dtype
         )
         desc_act |= not torch.equal(res.perm.cpu(), torch.arange(len(res.perm)))
-    block_path, in_block = _blocks(report.layers)
+    lm_head = any(n == "lm_head" or n.endswith(".lm_head") for n in modules)
+    qc = quantization_config(cfg, report.layers, desc_act, fmt, lm_head, getattr(report, "true_sequential", True), dtype)
+    info = {"checkpoint_format": fmt, "zero_point_layers": zero, "desc_act": desc_act}
+    return Prepared(modules, qc, info)
+
+
+def quantization_config(
+    cfg: Any, layers: List[dict], desc_act: bool, fmt: str, lm_head: bool, true_sequential: bool, dtype: torch.dtype
+) -> Dict[str, Any]:
+    """The ``quantization_config`` block for a model quantized with ``cfg`` (a QuantConfig), whose
+    report rows are ``layers``, written in format ``fmt`` with scales in ``dtype``."""
+    block_path, in_block = _blocks(layers)
     qc: Dict[str, Any] = {
         "quant_method": QUANT_METHOD,
         "bits": cfg.bits,
@@ -151,9 +162,9 @@ def prepare(
         "desc_act": desc_act,
         "sym": cfg.sym,
         "static_groups": cfg.static_groups,
-        "true_sequential": getattr(report, "true_sequential", True),
+        "true_sequential": true_sequential,
         "checkpoint_format": fmt,
-        "lm_head": any(n == "lm_head" or n.endswith(".lm_head") for n in modules),
+        "lm_head": lm_head,
     }
     # damp_percent is the Cholesky route's damping; the other routes do not damp H (and readers
     # reject 0), so it is written only where it means what GPTQ readers take it to mean.
@@ -167,8 +178,7 @@ def prepare(
         "quantizer": [f"lrgptq:{_version()}"],
         "lrgptq": {**cfg.to_dict(), "scale_dtype": str(dtype).replace("torch.", "")},
     }
-    info = {"checkpoint_format": fmt, "zero_point_layers": zero, "desc_act": desc_act}
-    return Prepared(modules, qc, info)
+    return qc
 
 
 def _flag(qc: dict, key: str, default: bool, where: str) -> bool:
