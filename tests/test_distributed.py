@@ -53,7 +53,7 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
             model, ids, X = _inputs(seed)
             report = lrgptq.quantize_model(model, ids, lrgptq.QuantConfig(**cfg), progress=False, comm=comm)
             results[kind] = {n: (r.codes, r.scales, r.zeros, r.loss) for n, r in report.results.items()}
-            acc = lrgptq.linear.make_accumulator(lrgptq.QuantConfig(**cfg), 40, 0)
+            acc = lrgptq.linear.make_accumulator(lrgptq.QuantConfig(**cfg), 40, token_offset=0)
             lo, hi = len(X) * rank // world, len(X) * (rank + 1) // world  # the split of the batches
             acc.offset = sum(x.shape[0] for x in X[:lo])  # the global index of this rank's first token
             for x in X[lo:hi]:
@@ -61,7 +61,7 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
             results[kind]["_state"] = (comm.merge(acc).state.clone(), acc.tokens)
         # A layer whose 37 rows do not split evenly: padded pieces, gathered in row order.
         qc = lrgptq.QuantConfig(**CONFIGS["gram"])
-        acc = lrgptq.linear.make_accumulator(qc, 40, 0)
+        acc = lrgptq.linear.make_accumulator(qc, 40, token_offset=0)
         for x in X:
             acc.add(x)
         res = comm.quantize(_odd_weight(seed), comm.factorize(acc, qc), qc, "odd")
@@ -89,7 +89,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, gen):
             assert abs(loss - res.loss) <= 1e-5 * max(res.loss, 1e-30), f"{kind} {name}"
         # The merged accumulator against one that saw every batch, in float64: the same up to the
         # order of the sums (H, Y) or of the Householder steps (R, up to row signs).
-        acc = lrgptq.linear.make_accumulator(lrgptq.QuantConfig(**cfg), 40, 0)
+        acc = lrgptq.linear.make_accumulator(lrgptq.QuantConfig(**cfg), 40, token_offset=0)
         for x in X:
             acc.add(x)
         state, tokens = got[kind]["_state"]
@@ -100,7 +100,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, gen):
         err = float((state - ref).abs().max() / ref.abs().max())
         assert err <= 1e-13, f"{kind}: merged state differs by {err:.2e} (relative)"
     qc = lrgptq.QuantConfig(**CONFIGS["gram"])
-    acc = lrgptq.linear.make_accumulator(qc, 40, 0)
+    acc = lrgptq.linear.make_accumulator(qc, 40, token_offset=0)
     for x in _inputs(seed)[2]:
         acc.add(x)
     ref = lrgptq.quantize_linear(_odd_weight(seed), acc, qc)

@@ -30,7 +30,7 @@ class QuantResult:
 
 
 def make_accumulator(
-    config: QuantConfig, d: int, device: Union[str, torch.device, None] = None, token_offset: int = 0
+    config: QuantConfig, d: int, device: Union[str, torch.device, None] = None, *, token_offset: int = 0
 ) -> Accumulator:
     """The accumulator that ``config`` asks for, for a layer with ``d`` inputs, on ``device``
     (default: the CPU); ``token_offset``: the global index of the first token it will see (a

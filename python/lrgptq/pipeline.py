@@ -124,7 +124,8 @@ class BlockStep:
             # Layers that read one tensor share one accumulator and one factor.
             readers = {subset[0]: modules[subset[0]]} if shared else modules
             accs = {
-                n: make_accumulator(cfg, in_features(m), m.weight.device, comm.token_offset)
+                n: make_accumulator(cfg, in_features(m), m.weight.device,
+                                    token_offset=comm.token_offset)
                 for n, m in readers.items()
             }
             if not rtn:
