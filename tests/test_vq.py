@@ -170,3 +170,14 @@ def test_bad_inputs_are_refused_with_the_layer_name(gen):
     with pytest.raises(RuntimeError, match="codes must lie in"):
         ops().vq_matmul(torch.ones(1, 4), torch.full((2, 2), 9, dtype=torch.int32),
                         torch.zeros(1, 1, 4, 2, dtype=torch.int8), torch.ones(1, 1), torch.arange(4), -1, -1, None)
+
+
+def test_pack_codes_round_trip(gen):
+    from lrgptq.nn_vq import pack_codes, unpack_codes
+
+    for width, m in ((4, 7), (6, 5), (8, 3), (12, 9)):
+        codes = torch.randint(0, 1 << width, (3, m), generator=gen, dtype=torch.int32)
+        packed = pack_codes(codes, width)
+        assert packed.dtype == torch.uint8 and packed.shape == (3, -(-m * width // 8))
+        assert torch.equal(unpack_codes(packed, width, m), codes)
+    assert torch.equal(pack_codes(torch.tensor([[1, 2]]), 4), torch.tensor([[0x21]], dtype=torch.uint8))  # LSB first
