@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "clones.h"
 
 namespace lrgptq {
 namespace {
@@ -54,7 +55,7 @@ struct Problem {
   const T* Linv;       // (d/D, D, D): Ū⁻¹ of each column block (identity rows past rank)
   T* C;                // codebooks (Gc, Gr, K, D)
   T* cscale;           // (Gc, Gr) int8 scales (0 when not rounded)
-  T* CP;               // (Gr, B/D, K, D): C·Ū⁻¹ for the current block
+  T* CP;               // (Gr, B/D, D, K): (C·Ū⁻¹)ᵀ for the current block
   int32_t* codes;      // (d_out, d/D)
   T* Qp;               // (d_out, d)
   T* E;                // (d_out, B)
@@ -73,25 +74,51 @@ inline void times_upper(const T* t, const T* L, int64_t D, T* y) {
   }
 }
 
-// Nearest of K transformed centroids CP (K, D) to y in the Euclidean distance; first on ties.
+// Squared distances of y to K transformed centroids stored coordinate-major (CPt[a·K + c]): one
+// pass per coordinate, vectorised over the centroids; each sum runs a = 0, 1, ... as written.
 template <typename T>
-inline int64_t nearest(const T* y, const T* CP, int64_t K, int64_t D, T* dist) {
-  int64_t best = 0;
-  T bd = std::numeric_limits<T>::infinity();
+inline void sq_dists_body(const T* __restrict y, const T* __restrict CPt, int64_t K, int64_t D,
+                          T* __restrict dist) {
   for (int64_t c = 0; c < K; ++c) {
-    const T* p = CP + c * D;
-    T s = 0;
-    for (int64_t a = 0; a < D; ++a) {
-      const T r = y[a] - p[a];
-      s += r * r;
-    }
-    if (s < bd) {
-      bd = s;
-      best = c;
+    const T r = y[0] - CPt[c];
+    dist[c] = r * r;
+  }
+  for (int64_t a = 1; a < D; ++a) {
+    const T ya = y[a];
+    const T* p = CPt + a * K;
+    for (int64_t c = 0; c < K; ++c) {
+      const T r = ya - p[c];
+      dist[c] += r * r;
     }
   }
-  *dist = bd;
+}
+LRGPTQ_CLONES void sq_dists(const float* y, const float* CPt, int64_t K, int64_t D, float* dist) {
+  sq_dists_body(y, CPt, K, D, dist);
+}
+LRGPTQ_CLONES void sq_dists(const double* y, const double* CPt, int64_t K, int64_t D, double* dist) {
+  sq_dists_body(y, CPt, K, D, dist);
+}
+
+// Nearest centroid to y in the Euclidean distance (first on ties); dist: K scratch values.
+template <typename T>
+inline int64_t nearest(const T* y, const T* CPt, int64_t K, int64_t D, T* dist, T* best_dist) {
+  sq_dists(y, CPt, K, D, dist);
+  int64_t best = 0;
+  for (int64_t c = 1; c < K; ++c)
+    if (dist[c] < dist[best]) best = c;
+  *best_dist = dist[best];
   return best;
+}
+
+// CPt = (C·L)ᵀ for a codebook C (K, D) and an upper-triangular L: the centroids in the
+// transformed space, coordinate-major.
+template <typename T>
+void transform_codebook(const T* C, const T* L, int64_t K, int64_t D, T* CPt) {
+  for (int64_t c = 0; c < K; ++c) {
+    T y[kMaxD];
+    times_upper(C + c * D, L, D, y);
+    for (int64_t a = 0; a < D; ++a) CPt[a * K + c] = y[a];
+  }
 }
 
 // Ū⁻¹ of every column block: Ū = U[j:j+D, j:j+D] with rows past rank k replaced by identity rows.
@@ -168,7 +195,7 @@ void fit_codebook(const Problem<T>& P, int64_t cg, int64_t rg, int64_t bits) {
       C[c * D + a] = lo[a] + (hi[a] - lo[a]) * (T(i % L) + T(0.5)) / T(L);
 
   const int64_t nb = (c1 - c0) / D;
-  std::vector<T> CP(K * D), A(K * D * D), bvec(K * D), M(nb * D * D);
+  std::vector<T> CP(K * D), A(K * D * D), bvec(K * D), M(nb * D * D), scratch(K);
   std::vector<int64_t> n(K);
   for (int64_t jb = 0; jb < nb; ++jb) {  // M_j = Ū⁻¹Ū⁻ᵀ
     const T* Li = P.Linv + (c0 / D + jb) * D * D;
@@ -190,12 +217,12 @@ void fit_codebook(const Problem<T>& P, int64_t cg, int64_t rg, int64_t bits) {
       const int64_t j = c0 + jb * D;
       const T* Li = P.Linv + (j / D) * D * D;
       const T* Mj = M.data() + jb * D * D;
-      for (int64_t c = 0; c < K; ++c) times_upper(C + c * D, Li, D, CP.data() + c * D);
+      transform_codebook(C, Li, K, D, CP.data());
       for (int64_t r = r0; r < r1; ++r) {
         const T* t = P.Tw + r * d + j;
         T y[kMaxD], dist;
         times_upper(t, Li, D, y);
-        const int64_t c = nearest(y, CP.data(), K, D, &dist);
+        const int64_t c = nearest(y, CP.data(), K, D, scratch.data(), &dist);
         obj += dist;
         if (!update) continue;
         ++n[c];
@@ -227,6 +254,7 @@ template <typename T>
 void block_rows(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t r1) {
   const int64_t d = P.d, D = P.D, K = P.K, nbB = P.ldE / D;
   const int64_t cg = i1 / P.gc;
+  std::vector<T> scratch(K);
   for (int64_t r = r0; r < r1; ++r) {
     T* t = P.Tw + r * d;
     T* e = P.E + r * P.ldE;
@@ -238,7 +266,7 @@ void block_rows(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t
       const T* Li = P.Linv + (j / D) * D * D;
       T y[kMaxD], dist;
       times_upper(t + j, Li, D, y);
-      const int64_t c = nearest(y, P.CP + (rg * nbB + jl) * K * D, K, D, &dist);
+      const int64_t c = nearest(y, P.CP + (rg * nbB + jl) * K * D, K, D, scratch.data(), &dist);
       const T* q = Cb + c * D;
       P.codes[r * (d / D) + j / D] = static_cast<int32_t>(c);
       T res[kMaxD], err[kMaxD];
@@ -290,9 +318,8 @@ void run_engine(Problem<T>& P, const at::Tensor& Tw, const at::Tensor& U, const 
       for (int64_t rg = g0; rg < g1; ++rg)
         for (int64_t j = i1; j < i2; j += P.D) {
           const T* Cb = P.C + (cg * P.Gr + rg) * P.K * P.D;
-          T* out = P.CP + (rg * nbB + (j - i1) / P.D) * P.K * P.D;
-          for (int64_t c = 0; c < P.K; ++c)
-            times_upper(Cb + c * P.D, P.Linv + (j / P.D) * P.D * P.D, P.D, out + c * P.D);
+          transform_codebook(Cb, P.Linv + (j / P.D) * P.D * P.D, P.K, P.D,
+                             P.CP + (rg * nbB + (j - i1) / P.D) * P.K * P.D);
         }
     });
     at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
