@@ -36,13 +36,13 @@
 
 #include "checks.h"
 #include "clones.h"
+#include "engine_common.h"
 
 namespace lrgptq {
 namespace {
 
 using VQOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-constexpr int64_t kRowTile = 16;
 constexpr int64_t kMaxD = 4;
 
 template <typename T>
@@ -302,9 +302,9 @@ void block_rows(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t
 }
 
 template <typename T>
-void run_engine(Problem<T>& P, const at::Tensor& Tw, const at::Tensor& U, const at::Tensor& E, int64_t B,
+void run_engine(Problem<T>& P, at::Tensor& Tw, const at::Tensor& U, const at::Tensor& E, int64_t B,
                 bool fit, int64_t bits) {
-  const int64_t n_tiles = (P.d_out + kRowTile - 1) / kRowTile, nbB = B / P.D;
+  const int64_t nbB = B / P.D;
   for (int64_t i1 = 0; i1 < P.d;) {
     // Every column group starts a block: its codebooks see the fully updated targets.
     const int64_t i2 = std::min({i1 + B, P.d, (i1 / P.gc + 1) * P.gc});
@@ -322,14 +322,8 @@ void run_engine(Problem<T>& P, const at::Tensor& Tw, const at::Tensor& U, const 
                              P.CP + (rg * nbB + (j - i1) / P.D) * P.K * P.D);
         }
     });
-    at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t tile = t0; tile < t1; ++tile)
-        block_rows(P, i1, i2, tile * kRowTile, std::min((tile + 1) * kRowTile, P.d_out));
-    });
-    // Lazy batch update: T[:, i2:] −= E[:, :kb] U[i1:i1+kb, i2:] (as the GPTQ engine).
-    const int64_t kb = std::max<int64_t>(0, std::min(i2, P.k) - i1);
-    if (i2 < P.d && kb > 0)
-      Tw.narrow(1, i2, P.d - i2).addmm_(E.narrow(1, 0, kb), U.narrow(0, i1, kb).narrow(1, i2, P.d - i2), 1, -1);
+    for_row_tiles(P.d_out, [&](int64_t r0, int64_t r1) { block_rows(P, i1, i2, r0, r1); });
+    lazy_update(Tw, E, U, i1, i2, P.k);
     i1 = i2;
   }
 }

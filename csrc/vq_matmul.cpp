@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <vector>
 
 #include "checks.h"
 
@@ -91,8 +92,17 @@ at::Tensor vq_matmul(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   return y.view(shape).to(x.scalar_type());
 }
 
+// Shapes only, so torch.compile can trace callers.
+at::Tensor vq_matmul_meta(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&, const at::Tensor&,
+                          const at::Tensor&, int64_t, int64_t, const std::optional<at::Tensor>&) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = codes.size(0);
+  return at::empty(shape, x.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lrgptq, CPU, m) { m.impl("vq_matmul", &vq_matmul); }
+TORCH_LIBRARY_IMPL(lrgptq, Meta, m) { m.impl("vq_matmul", &vq_matmul_meta); }
 
 }  // namespace lrgptq

@@ -181,3 +181,11 @@ def test_pack_codes_round_trip(gen):
         assert packed.dtype == torch.uint8 and packed.shape == (3, -(-m * width // 8))
         assert torch.equal(unpack_codes(packed, width, m), codes)
     assert torch.equal(pack_codes(torch.tensor([[1, 2]]), 4), torch.tensor([[0x21]], dtype=torch.uint8))  # LSB first
+
+
+def test_vq_matmul_has_a_meta_kernel():
+    m = torch.device("meta")
+    y = ops().vq_matmul(torch.empty(2, 3, 8, device=m), torch.empty(5, 4, dtype=torch.int32, device=m),
+                        torch.empty(1, 1, 16, 2, dtype=torch.int8, device=m), torch.empty(1, 1, device=m),
+                        torch.empty(8, dtype=torch.long, device=m), -1, -1, None)
+    assert y.shape == (2, 3, 5) and y.device == m
