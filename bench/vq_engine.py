@@ -20,6 +20,8 @@ SHAPES = [(576, 576), (1536, 576), (576, 1536)]
 ROWS = [  # (name, QuantConfig overrides); bits per weight as in bench/vq_quality.py
     ("gptq b2 g128", dict(bits=2, group_size=128)),
     ("gptvq 2-D b2 192x12", dict(bits=2, vq_dim=2, vq_group_cols=192, vq_group_rows=12)),
+    ("gptvq 2-D b2 192x12 + 20 CG steps", dict(bits=2, vq_dim=2, vq_group_cols=192, vq_group_rows=12,
+                                               vq_codebook_steps=20)),
     ("gptvq 4-D b2 all-cols x96", dict(bits=2, vq_dim=4, vq_group_cols=-1, vq_group_rows=96)),
     ("gptq b3 g128", dict(bits=3, group_size=128)),
     ("gptvq 2-D b3 192x48", dict(bits=3, vq_dim=2, vq_group_cols=192, vq_group_rows=48)),

@@ -189,3 +189,16 @@ def test_vq_matmul_has_a_meta_kernel():
                         torch.empty(1, 1, 16, 2, dtype=torch.int8, device=m), torch.empty(1, 1, device=m),
                         torch.empty(8, dtype=torch.long, device=m), -1, -1, None)
     assert y.shape == (2, 3, 5) and y.device == m
+
+
+def test_codebook_update_lowers_the_loss_and_keeps_the_identity(gen):
+    W, X, _ = problem(gen, 24, 32)
+    kw = dict(bits=2, vq_dim=2, vq_group_cols=16, vq_group_rows=12, damp=0.0, compute_dtype=torch.float64)
+    before = lrgptq.quantize_linear(W, X, lrgptq.QuantConfig.for_method("gptq", **kw))
+    after = lrgptq.quantize_linear(W, X, lrgptq.QuantConfig.for_method("gptq", vq_codebook_steps=5, **kw))
+    assert torch.equal(after.codes, before.codes)  # assignments fixed
+    assert after.loss < before.loss, (after.loss, before.loss)
+    assert after.loss == pytest.approx(float(((W - after.weight) @ X.T).pow(2).sum()), rel=1e-9)
+    C8 = after.codebooks / after.codebook_scales[..., None, None]
+    assert torch.equal(C8, C8.round()) and torch.equal(after.codebook_scales.half().double(), after.codebook_scales)
+    assert torch.equal(vq.dequantize(after.codes, after.codebooks, after.perm, 16, 12), after.weight)

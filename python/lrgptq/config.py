@@ -66,6 +66,7 @@ class QuantConfig:
     vq_group_rows: int = 32
     vq_em_iters: int = 10
     vq_codebook_int8: bool = True
+    vq_codebook_steps: int = 0  # GPTVQ's codebook update after the pass (0: none)
 
     def __post_init__(self) -> None:
         def check_int(field: str, lo: int, hi: Optional[int] = None) -> None:
@@ -123,8 +124,10 @@ class QuantConfig:
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or (v != -1 and (v < 1 or v % step)):
                 raise _bad(field, v, f"-1 (all) or a positive multiple of {step}")
-        if isinstance(self.vq_em_iters, bool) or not isinstance(self.vq_em_iters, int) or self.vq_em_iters < 0:
-            raise _bad("vq_em_iters", self.vq_em_iters, "an integer >= 0")
+        for field in ("vq_em_iters", "vq_codebook_steps"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise _bad(field, v, "an integer >= 0")
         if not isinstance(self.vq_codebook_int8, bool):
             raise _bad("vq_codebook_int8", self.vq_codebook_int8, "True or False")
 

@@ -97,11 +97,66 @@ def dequantize(codes: torch.Tensor, codebooks: torch.Tensor, perm: torch.Tensor,
 
 
 def run(W: torch.Tensor, perm: torch.Tensor, U: torch.Tensor, from_original: bool, cfg: QuantConfig) -> tuple:
-    """The engine call for a compute-dtype W and its factor (perm, U)."""
-    return torch.ops.lrgptq.vq_quantize(
+    """The engine call for a compute-dtype W and its factor (perm, U), then, with
+    ``cfg.vq_codebook_steps``, the codebook update (full-rank factors only)."""
+    out = torch.ops.lrgptq.vq_quantize(
         W, perm, U, from_original, cfg.vq_dim, cfg.bits, cfg.vq_group_cols, cfg.vq_group_rows, cfg.vq_em_iters,
         cfg.vq_codebook_int8, None, cfg.block_size,
     )
+    if cfg.vq_codebook_steps and U.shape[0] == W.shape[1] > 0:
+        out = update_codebooks(W, out, perm, U, cfg)
+    return out
+
+
+def _round_int8(C: torch.Tensor) -> tuple:
+    """C = s·C8 per codebook with s a float16 number and C8 in −127..127 (as csrc/vq.cpp)."""
+    amax = C.abs().amax(dim=(-2, -1))
+    s = (amax / 127).half().to(C.dtype)
+    s = torch.where(s > 0, s, torch.full_like(s, 2.0**-24))
+    return s[..., None, None] * torch.clamp(torch.round(C / s[..., None, None]), -127, 127), s
+
+
+def update_codebooks(W: torch.Tensor, out: tuple, perm: torch.Tensor, U: torch.Tensor, cfg: QuantConfig) -> tuple:
+    """GPTVQ's codebook update: with the assignments fixed, conjugate-gradient steps with exact line
+    search on f(C) = tr((W − Q)H(W − Q)ᵀ) = ‖(W − Q)[:, perm]·U⁻¹‖²_F (a quadratic in C: Q is a lookup),
+    ``cfg.vq_codebook_steps`` steps, then int8 rounding again; kept only if f went down."""
+    codes, C0, scales0, Q0, row_loss0, trace = out
+    d_out, d = W.shape
+    D = cfg.vq_dim
+    gc = d if cfg.vq_group_cols == -1 else cfg.vq_group_cols
+    gr = d_out if cfg.vq_group_rows == -1 else cfg.vq_group_rows
+    cg = (torch.arange(d // D) * D) // gc
+    rg = torch.arange(d_out) // gr
+    idx = codes.long()
+
+    def residual(C: torch.Tensor) -> torch.Tensor:  # (W − Q)[:, perm]·U⁻¹
+        Qp = C[cg[None, :], rg[:, None], idx].reshape(d_out, d)
+        return torch.linalg.solve_triangular(U, W[:, perm] - Qp, upper=True, left=False)
+
+    C, p, gg_old = C0.clone(), None, None
+    for _ in range(cfg.vq_codebook_steps):  # conjugate gradients (Fletcher–Reeves), exact line search
+        Cv = C.clone().requires_grad_(True)
+        R = residual(Cv)
+        (g,) = torch.autograd.grad(R.pow(2).sum(), Cv)
+        with torch.no_grad():
+            gg = g.pow(2).sum()
+            p = -g if p is None else -g + (gg / gg_old) * p
+            gg_old = gg
+            Z = R - residual(C + p)  # R(C + αp) = R − αZ: R is affine in C
+            zz = Z.pow(2).sum()
+            if not zz > 0:
+                break
+            C = C + (R * Z).sum() / zz * p  # α = ⟨R, Z⟩/‖Z‖² minimises ‖R − αZ‖²
+    with torch.no_grad():
+        C, s = _round_int8(C) if cfg.vq_codebook_int8 else (C, scales0)
+        R = residual(C)
+        row_loss = R.pow(2).sum(1)
+        if not row_loss.sum() < row_loss0.sum():
+            return out
+        Qp = C[cg[None, :], rg[:, None], idx].reshape(d_out, d)
+        Q = torch.empty_like(Qp)
+        Q[:, perm] = Qp
+    return codes, C, s, Q, row_loss, trace
 
 
 def result(out: tuple, weight: torch.Tensor, perm: torch.Tensor, rank: int, cfg: QuantConfig,
