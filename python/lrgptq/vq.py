@@ -98,12 +98,13 @@ def dequantize(codes: torch.Tensor, codebooks: torch.Tensor, perm: torch.Tensor,
 
 def run(W: torch.Tensor, perm: torch.Tensor, U: torch.Tensor, from_original: bool, cfg: QuantConfig) -> tuple:
     """The engine call for a compute-dtype W and its factor (perm, U), then, with
-    ``cfg.vq_codebook_steps``, the codebook update (full-rank factors only)."""
+    ``cfg.vq_codebook_steps``, the codebook update (full-rank factors with H⁻¹ = UᵀU: not the
+    ql form, whose factor plays another part)."""
     out = torch.ops.lrgptq.vq_quantize(
         W, perm, U, from_original, cfg.vq_dim, cfg.bits, cfg.vq_group_cols, cfg.vq_group_rows, cfg.vq_em_iters,
         cfg.vq_codebook_int8, None, cfg.block_size,
     )
-    if cfg.vq_codebook_steps and U.shape[0] == W.shape[1] > 0:
+    if cfg.vq_codebook_steps and not from_original and U.shape[0] == W.shape[1] > 0:
         out = update_codebooks(W, out, perm, U, cfg)
     return out
 
