@@ -53,7 +53,7 @@ def main() -> None:
             t_ref = t if "vq_dim" not in kw else t_ref
             bpw = res.report.get("bpw", kw["bits"] + (16 + kw["bits"]) / 128)
             rows.append([f"{d_out}x{d}", name, f"{bpw:.3f}", common.fmt_s(t), f"{t / t_ref:.1f}", f"{res.loss:.4g}"])
-    common.table(["d_out x d", "method", "bits/weight", "time", "time / gptq (same bits)", "loss Σ‖(W−Q)Xᵀ‖²"],
+    common.table(["d_out x d", "method", "bits/weight", "time", "time / gptq (same bits)", "engine loss"],
                  rows)
     common.footer()
 
