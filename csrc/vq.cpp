@@ -350,12 +350,17 @@ Shape vq_shape(const at::Tensor& W, int64_t dim, int64_t bits, int64_t group_col
 }
 
 void check_inputs(const at::Tensor& W, const at::Tensor& perm, const at::Tensor& U, const Shape& S,
-                  const std::optional<at::Tensor>& codebooks, int64_t em_iters, int64_t block_size) {
+                  const std::optional<at::Tensor>& codebooks, int64_t em_iters, int64_t block_size,
+                  bool from_original) {
   constexpr const char* op = "lrgptq.vq_quantize";
   TORCH_CHECK(W.scalar_type() == at::kDouble || W.scalar_type() == at::kFloat, op,
               ": W must be float32 or float64 (the compute dtype), got ", W.scalar_type());
   TORCH_CHECK(block_size >= S.D, op, ": block_size must be >= dim = ", S.D, ", got ", block_size);
   TORCH_CHECK(em_iters >= 0, op, ": em_iters must be >= 0, got ", em_iters);
+  // The ql form's loss couples a block's columns through L's D×D block around targets other than
+  // T, so the joint assignment here (weighted by Ū⁻¹, around T) holds for D = 1 only.
+  TORCH_CHECK(!from_original || S.D == 1, op, ": from_original (the ql form) supports dim = 1 only, got dim = ",
+              S.D, "; use route 'cholesky' or 'svdqr' for vector quantization");
   TORCH_CHECK(perm.dim() == 1 && perm.size(0) == S.d && perm.scalar_type() == at::kLong, op,
               ": perm must be an int64 vector of length d = ", S.d, ", got ", perm.scalar_type(), " of shape ",
               perm.sizes());
@@ -382,7 +387,7 @@ VQOut vq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::Tensor&
                   int64_t dim, int64_t bits, int64_t group_cols, int64_t group_rows, int64_t em_iters,
                   bool codebook_int8, const std::optional<at::Tensor>& codebooks, int64_t block_size) {
   const Shape S = vq_shape(W, dim, bits, group_cols, group_rows);
-  check_inputs(W, perm, U_in, S, codebooks, em_iters, block_size);
+  check_inputs(W, perm, U_in, S, codebooks, em_iters, block_size, from_original);
   const auto opts = W.options();
   const bool identity = at::equal(perm, at::arange(S.d, perm.options()));
   at::Tensor Wc = W.contiguous();

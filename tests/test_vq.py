@@ -148,6 +148,7 @@ def test_quantize_linear_vq_path_and_report(gen):
     (dict(dim=2, group_rows=0), "group_rows"),
     (dict(dim=2, em_iters=-1), "em_iters"),
     (dict(dim=2, block_size=1), "block_size"),
+    (dict(dim=2, from_original=True), "ql form"),
     (dict(dim=2, codebooks=torch.zeros(1, 1, 3, 2, dtype=torch.float64)), "codebooks must have shape"),
 ])
 def test_bad_arguments_are_refused(gen, kw, msg):
@@ -164,7 +165,8 @@ def test_bad_inputs_are_refused_with_the_layer_name(gen):
     W[0, 0] = float("nan")
     with pytest.raises(RuntimeError, match="W contains NaN"):
         vq_op(W[:, :8].contiguous(), torch.arange(8), torch.eye(8, dtype=torch.float64))
-    for bad in (dict(vq_dim=3), dict(vq_dim=4, bits=4), dict(vq_dim=2, vq_group_cols=7), dict(vq_em_iters=-2)):
+    for bad in (dict(vq_dim=3), dict(vq_dim=4, bits=4), dict(vq_dim=2, vq_group_cols=7), dict(vq_em_iters=-2),
+                dict(vq_dim=2, route="ql"), dict(vq_codebook_steps=-1)):
         with pytest.raises(ValueError, match="QuantConfig"):
             lrgptq.QuantConfig(**bad)
     with pytest.raises(RuntimeError, match="codes must lie in"):

@@ -124,6 +124,9 @@ class QuantConfig:
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or (v != -1 and (v < 1 or v % step)):
                 raise _bad(field, v, f"-1 (all) or a positive multiple of {step}")
+        if self.vq_dim > 1 and self.route == "ql":
+            raise _bad("vq_dim", self.vq_dim, "0 or 1 with route 'ql' (its error feedback is per column); "
+                       "use route 'cholesky' or 'svdqr' for vector quantization")
         for field in ("vq_em_iters", "vq_codebook_steps"):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
