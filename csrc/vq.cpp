@@ -4,7 +4,7 @@
 // W[:, perm]) and Ū = U[j:j+D, j:j+D] (the D×D diagonal block of the factor, H⁻¹ = UᵀU):
 //   q = argmin_c ‖(t − c)·Ū⁻¹‖²          (the OBS loss of fixing the D columns jointly: the
 //                                          D×D block of H⁻¹ restricted to columns ≥ j is ŪᵀŪ)
-//   E·Ū = base − q  (forward substitution; base = t, or the original w for the ql form)
+//   E·Ū = base − q  (forward substitution; base = t, or the original w for the ql form, D = 1 only)
 //   T[:, l] −= E · U[j:j+D, l]  for l ≥ j + D (inside the block; one GEMM for the columns after it)
 //   loss += ‖(t − q)·Ū⁻¹‖².
 // With D = 1 every step is GPTQ's (DESIGN §4), operation for operation.
