@@ -29,4 +29,16 @@ TORCH_LIBRARY(lrgptq, m) {
   m.def(
       "qmatmul(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, "
       "int zero_offset, Tensor? bias) -> Tensor");
+
+  // GPTVQ (DESIGN §5): D-dimensional codebooks per (column group × row group), EM-fitted,
+  // with the error-feedback loop on the D×D diagonal blocks of U. codes (d_out, d/dim) and Q's
+  // columns are in perm order; Q comes back in the original column order.
+  m.def(
+      "vq_quantize(Tensor W, Tensor perm, Tensor U, bool from_original, int dim, int bits, "
+      "int group_cols, int group_rows, int em_iters, bool codebook_int8, Tensor? codebooks, int block_size) "
+      "-> (Tensor codes, Tensor codebooks, Tensor codebook_scales, Tensor Q, Tensor row_loss, Tensor em_trace)");
+  // VQ inference: y = x · Wᵀ + bias, W[:, perm] = scales · codebooks8[codes] looked up strip by strip.
+  m.def(
+      "vq_matmul(Tensor x, Tensor codes, Tensor codebooks, Tensor codebook_scales, Tensor perm, "
+      "int group_cols, int group_rows, Tensor? bias) -> Tensor");
 }

@@ -28,15 +28,9 @@
 #include <vector>
 
 #include "bitpack.h"
+#include "clones.h"
 #include "cuda_ops.h"
 
-// The hot loops are written to auto-vectorise; build them for AVX-512 and AVX2 too and let the
-// loader pick the widest the CPU has (the default build targets baseline x86-64 only).
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define LRGPTQ_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
-#else
-#define LRGPTQ_CLONES
-#endif
 
 namespace lrgptq {
 namespace {

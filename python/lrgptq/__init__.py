@@ -12,7 +12,9 @@ from .config import QuantConfig
 from .eval import perplexity
 from .linear import Factor, QuantResult, factorize, quantize_linear
 from .nn import QuantLinear
+from .nn_vq import VQLinear
 from .pipeline import ModelReport, quantize_model
+from .vq import VQResult
 
 __all__ = [
     "Accumulator",
@@ -22,6 +24,8 @@ __all__ = [
     "QuantLinear",
     "QuantResult",
     "Saved",
+    "VQLinear",
+    "VQResult",
     "factorize",
     "load",
     "perplexity",

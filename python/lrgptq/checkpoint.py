@@ -33,7 +33,6 @@ import torch
 from torch import nn
 
 from . import formats
-from .formats import gptq
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -62,7 +61,8 @@ def save(
     max_shard_size: int = 4 * 2**30,
 ) -> Saved:
     """Writes ``model`` (quantized in place by ``quantize_model``, which returned ``report``)
-    as a GPTQ checkpoint in ``out_dir``.
+    as a GPTQ checkpoint in ``out_dir`` (a GPTVQ quantization, ``vq_dim`` > 0, in lrgptq's
+    ``gptvq`` layout: docs/vq.md).
 
     ``checkpoint_format``: ``"auto"`` (v1 ``"gptq"``, which every reader takes, unless an
     asymmetric zero point is 0, which v1 cannot store: then ``"gptq_v2"`` with a warning),
@@ -76,7 +76,7 @@ def save(
         raise ValueError("lrgptq.save needs a transformers model (with .config); got " + type(model).__name__)
     if not isinstance(max_shard_size, int) or max_shard_size < 1:
         raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
-    prepared = gptq.prepare(model, report, checkpoint_format, dtype)
+    prepared = formats.for_config(report.config).prepare(model, report, checkpoint_format, dtype)
     tensors = _tensors_to_save(model, prepared.modules, dtype)
     cfg = model_config(model, dtype, prepared.quantization_config)
     with _atomic_dir(out_dir) as tmp:

@@ -14,6 +14,7 @@ TRUNCATIONS = ("rel", "energy", "none")
 DAMP_REFS = ("mean", "median")
 SKETCH_KINDS = ("sparse", "gaussian")
 COMPUTE_DTYPES = (torch.float32, torch.float64)
+VQ_DIMS = (0, 1, 2, 4)
 METHODS = {
     "gptq": {"route": "cholesky", "accumulator": "gram", "order": "identity"},
     "lrgptq": {"route": "svdqr", "accumulator": "qr", "order": "pivot"},
@@ -57,6 +58,15 @@ class QuantConfig:
     block_size: int = 128
     compute_dtype: torch.dtype = torch.float32
     factor_dtype: torch.dtype = torch.float64
+    # GPTVQ (python/lrgptq/vq.py): 0 = the scalar grid; 1, 2 or 4 = vector quantization with
+    # codebooks of 2^(bits·vq_dim) centroids per vq_group_cols columns × vq_group_rows rows (−1: all),
+    # fitted by vq_em_iters EM iterations and stored as int8 with a float16 scale.
+    vq_dim: int = 0
+    vq_group_cols: int = 256
+    vq_group_rows: int = 32
+    vq_em_iters: int = 10
+    vq_codebook_int8: bool = True
+    vq_codebook_steps: int = 0  # GPTVQ's codebook update after the pass (0: none)
 
     def __post_init__(self) -> None:
         def check_int(field: str, lo: int, hi: Optional[int] = None) -> None:
@@ -98,10 +108,31 @@ class QuantConfig:
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < float("inf")):
                 raise _bad(field, v, "a finite number >= 0")
+        self._check_vq()
         if self.accumulator == "sketch" and self.sketch_size is None:
             raise _bad("sketch_size", None, "set (the sketch's row count m) when accumulator='sketch'")
         if self.route == "ql" and self.accumulator == "sketch":
             raise _bad("route", "ql", "'svdqr' or 'cholesky' with a sketch (a sketch has m < d rows)")
+
+    def _check_vq(self) -> None:
+        if self.vq_dim not in VQ_DIMS or isinstance(self.vq_dim, bool):
+            raise _bad("vq_dim", self.vq_dim, "0 (scalar grid), 1, 2 or 4")
+        if self.vq_dim and self.bits * self.vq_dim > 12:
+            raise _bad("bits", self.bits, f"<= {12 // self.vq_dim} with vq_dim={self.vq_dim} "
+                       "(a codebook holds 2^(bits·vq_dim) <= 4096 centroids)")
+        for field, step in (("vq_group_cols", max(self.vq_dim, 1)), ("vq_group_rows", 1)):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or (v != -1 and (v < 1 or v % step)):
+                raise _bad(field, v, f"-1 (all) or a positive multiple of {step}")
+        if self.vq_dim > 1 and self.route == "ql":
+            raise _bad("vq_dim", self.vq_dim, "0 or 1 with route 'ql' (its error feedback is per column); "
+                       "use route 'cholesky' or 'svdqr' for vector quantization")
+        for field in ("vq_em_iters", "vq_codebook_steps"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise _bad(field, v, "an integer >= 0")
+        if not isinstance(self.vq_codebook_int8, bool):
+            raise _bad("vq_codebook_int8", self.vq_codebook_int8, "True or False")
 
     @classmethod
     def for_method(cls, method: str, **overrides: Any) -> "QuantConfig":

@@ -7,6 +7,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 
+from . import vq
 from .accumulate import Accumulator
 from .config import QuantConfig
 
@@ -105,12 +106,13 @@ def quantize_linear(
     inputs: Union[Inputs, Factor],
     config: Optional[QuantConfig] = None,
     name: str = "layer",
-) -> QuantResult:
+) -> Union[QuantResult, vq.VQResult]:
     """Quantizes one linear layer's ``weight`` (d_out, d) given its inputs.
 
     ``inputs`` is a tensor (..., d), an iterable of such batches, an :class:`Accumulator` that
     already holds them, or a :class:`Factor` made from one by :func:`factorize`. Errors name the
-    layer (``name``), the tensor and the fix.
+    layer (``name``), the tensor and the fix. With ``config.vq_dim`` > 0 the layer is vector
+    quantized (GPTVQ) and the result is a :class:`lrgptq.vq.VQResult`.
     """
     cfg = config if config is not None else QuantConfig()
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
@@ -130,14 +132,20 @@ def quantize_linear(
         if f.route == "cholesky" and f.dead is not None and bool(f.dead.any()):
             W = W.clone()  # never write into the caller's weight
             W[:, f.dead.to(dev)] = 0  # as GPTQ: a feature that never fires gets a zero weight
-        codes, scales, zeros, g_idx, Q, row_loss = torch.ops.lrgptq.gptq_quantize(
-            W, f.perm.to(dev), f.U.to(dev, cfg.compute_dtype), f.from_original, cfg.bits, cfg.group_size, cfg.sym,
-            cfg.mse, cfg.static_groups, cfg.block_size,
-        )
+        perm, U = f.perm.to(dev), f.U.to(dev, cfg.compute_dtype)
+        if cfg.vq_dim:
+            out = vq.run(W, perm, U, f.from_original, cfg)
+        else:
+            codes, scales, zeros, g_idx, Q, row_loss = torch.ops.lrgptq.gptq_quantize(
+                W, perm, U, f.from_original, cfg.bits, cfg.group_size, cfg.sym,
+                cfg.mse, cfg.static_groups, cfg.block_size,
+            )
     except (RuntimeError, ValueError) as err:
         if str(err).startswith(f"{name}:"):
             raise
         raise type(err)(f"{name}: {err}") from err
+    if cfg.vq_dim:
+        return vq.result(out, weight, f.perm, f.rank, cfg, {**f.report, "d": d, "rank": f.rank})
     loss = float(row_loss.sum())
     report = {**f.report, "d": d, "rank": f.rank, "loss": loss}
     return QuantResult(codes, scales, zeros, g_idx, Q.to(weight.dtype), loss, row_loss, f.perm, f.rank, report)

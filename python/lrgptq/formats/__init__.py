@@ -18,12 +18,12 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, Dict
 
-from . import gptq
+from . import gptq, vq
 from .base import Prepared
 
-__all__ = ["LAYOUTS", "Prepared", "layout"]
+__all__ = ["LAYOUTS", "Prepared", "layout", "for_config"]
 
-LAYOUTS: Dict[str, ModuleType] = {gptq.QUANT_METHOD: gptq}
+LAYOUTS: Dict[str, ModuleType] = {gptq.QUANT_METHOD: gptq, vq.QUANT_METHOD: vq}
 
 
 def layout(quant_method: Any, where: str) -> ModuleType:
@@ -34,3 +34,8 @@ def layout(quant_method: Any, where: str) -> ModuleType:
             + ", ".join(repr(m) for m in LAYOUTS)
         )
     return LAYOUTS[quant_method]
+
+
+def for_config(config: Any) -> ModuleType:
+    """The layout a quantization with ``config`` (a QuantConfig) is written in."""
+    return vq if getattr(config, "vq_dim", 0) else gptq

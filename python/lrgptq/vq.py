@@ -1,0 +1,176 @@
+"""GPTVQ (arXiv 2402.15319): vector quantization of a layer with error feedback, and its bit count.
+
+``QuantConfig(vq_dim=D, bits=b, vq_group_cols=gc, vq_group_rows=gr)`` quantizes D columns at a
+time (in the factor's column order) against codebooks of K = 2^(b·D) centroids, one per gc
+columns × gr rows, fitted by a Hessian-weighted EM and rounded to int8 with a float16 scale; the
+engine is ``torch.ops.lrgptq.vq_quantize`` (csrc/vq.cpp). Index bits per weight are b; the
+codebooks, their scales and (out of order) the column order add to that:
+:func:`bits_per_weight` counts everything a checkpoint stores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterable
+
+import torch
+
+from .config import QuantConfig
+
+
+@dataclass
+class VQResult:
+    """The VQ engine's output for one layer. ``codes`` index the codebook of their group, in the
+    column order ``perm`` (vector v covers columns perm[v·D : v·D + D])."""
+
+    codes: torch.Tensor  # int32 (d_out, d / dim)
+    codebooks: torch.Tensor  # (column groups, row groups, K, dim), = scales · int8 values when rounded
+    codebook_scales: torch.Tensor  # (column groups, row groups); 0 when not rounded to int8
+    weight: torch.Tensor  # dequantized, original column order, the input weight's dtype
+    loss: float  # Σ ‖(t − q)·Ū⁻¹‖²: ‖(W − Q)Xᵀ‖²_F when undamped and full rank
+    row_loss: torch.Tensor
+    perm: torch.Tensor
+    rank: int
+    dim: int
+    bits: int
+    group_cols: int  # as given (−1: all columns)
+    group_rows: int
+    em_trace: torch.Tensor  # (column groups, row groups, em_iters + 1): the EM objective per iteration
+    report: dict = field(default_factory=dict)
+
+    def codebooks_int8(self) -> torch.Tensor:
+        """The stored int8 codebooks: codebooks / scales, exact integers in [−127, 127]."""
+        s = self.codebook_scales
+        if not bool((s > 0).all()):
+            raise ValueError("these codebooks were not rounded to int8 (QuantConfig.vq_codebook_int8=False)")
+        return torch.round(self.codebooks / s[..., None, None]).to(torch.int8)
+
+
+def groups(n: int, size: int) -> int:
+    return 1 if size == -1 else math.ceil(n / size)
+
+
+def bits_per_weight(d_out: int, d: int, dim: int, bits: int, group_cols: int, group_rows: int,
+                    ordered: bool, codebook_bits: int = 8) -> Dict[str, float]:
+    """Bits a checkpoint stores for one layer, by part, and their total per weight: indices
+    (b·D bits per D weights), codebooks (K·D values of ``codebook_bits``), a float16 scale per
+    codebook, and the column order as int16 when it is not the identity."""
+    n_cb = groups(d, group_cols) * groups(d_out, group_rows)
+    parts = {
+        "indices": d_out * d * bits,
+        "codebooks": n_cb * (1 << (bits * dim)) * dim * codebook_bits,
+        "scales": n_cb * 16 if codebook_bits == 8 else 0,
+        "perm": d * 16 if ordered else 0,
+    }
+    parts["total"] = sum(parts.values())
+    parts["weights"] = d_out * d
+    parts["bpw"] = parts["total"] / max(parts["weights"], 1)
+    return parts
+
+
+def model_bits_per_weight(results: Iterable[VQResult]) -> float:
+    """Stored bits per quantized weight over many layers (everything counted)."""
+    total = weights = 0
+    for r in results:
+        b = r.report["bits"]
+        total += b["total"]
+        weights += b["weights"]
+    return total / max(weights, 1)
+
+
+def dequantize(codes: torch.Tensor, codebooks: torch.Tensor, perm: torch.Tensor, group_cols: int,
+               group_rows: int) -> torch.Tensor:
+    """W (d_out, d) from codes by codebook lookup, in the original column order (the reference
+    for ``vq_matmul``)."""
+    d_out, nv = codes.shape
+    D = codebooks.shape[-1]
+    d = nv * D
+    gc = d if group_cols == -1 else group_cols
+    gr = d_out if group_rows == -1 else group_rows
+    cg = (torch.arange(nv) * D) // gc
+    rg = torch.arange(d_out) // gr
+    Wp = codebooks[cg[None, :], rg[:, None], codes.long()].reshape(d_out, d)
+    W = torch.empty_like(Wp)
+    W[:, perm.long()] = Wp
+    return W
+
+
+def run(W: torch.Tensor, perm: torch.Tensor, U: torch.Tensor, from_original: bool, cfg: QuantConfig) -> tuple:
+    """The engine call for a compute-dtype W and its factor (perm, U), then, with
+    ``cfg.vq_codebook_steps``, the codebook update (full-rank factors with H⁻¹ = UᵀU: not the
+    ql form, whose factor plays another part)."""
+    out = torch.ops.lrgptq.vq_quantize(
+        W, perm, U, from_original, cfg.vq_dim, cfg.bits, cfg.vq_group_cols, cfg.vq_group_rows, cfg.vq_em_iters,
+        cfg.vq_codebook_int8, None, cfg.block_size,
+    )
+    if cfg.vq_codebook_steps and not from_original and U.shape[0] == W.shape[1] > 0:
+        out = update_codebooks(W, out, perm, U, cfg)
+    return out
+
+
+def _round_int8(C: torch.Tensor) -> tuple:
+    """C = s·C8 per codebook with s a float16 number and C8 in −127..127 (as csrc/vq.cpp)."""
+    amax = C.abs().amax(dim=(-2, -1))
+    s = (amax / 127).half().to(C.dtype)
+    s = torch.where(s > 0, s, torch.full_like(s, 2.0**-24))
+    return s[..., None, None] * torch.clamp(torch.round(C / s[..., None, None]), -127, 127), s
+
+
+def update_codebooks(W: torch.Tensor, out: tuple, perm: torch.Tensor, U: torch.Tensor, cfg: QuantConfig) -> tuple:
+    """GPTVQ's codebook update: with the assignments fixed, conjugate-gradient steps with exact line
+    search on f(C) = tr((W − Q)H(W − Q)ᵀ) = ‖(W − Q)[:, perm]·U⁻¹‖²_F (a quadratic in C: Q is a lookup),
+    ``cfg.vq_codebook_steps`` steps, then int8 rounding again; kept only if f went down."""
+    codes, C0, scales0, Q0, row_loss0, trace = out
+    d_out, d = W.shape
+    D = cfg.vq_dim
+    gc = d if cfg.vq_group_cols == -1 else cfg.vq_group_cols
+    gr = d_out if cfg.vq_group_rows == -1 else cfg.vq_group_rows
+    cg = (torch.arange(d // D) * D) // gc
+    rg = torch.arange(d_out) // gr
+    idx = codes.long()
+
+    def residual(C: torch.Tensor) -> torch.Tensor:  # (W − Q)[:, perm]·U⁻¹
+        Qp = C[cg[None, :], rg[:, None], idx].reshape(d_out, d)
+        return torch.linalg.solve_triangular(U, W[:, perm] - Qp, upper=True, left=False)
+
+    C, p, gg_old = C0.clone(), None, None
+    for _ in range(cfg.vq_codebook_steps):  # conjugate gradients (Fletcher–Reeves), exact line search
+        Cv = C.clone().requires_grad_(True)
+        R = residual(Cv)
+        (g,) = torch.autograd.grad(R.pow(2).sum(), Cv)
+        with torch.no_grad():
+            gg = g.pow(2).sum()
+            p = -g if p is None else -g + (gg / gg_old) * p
+            gg_old = gg
+            Z = R - residual(C + p)  # R(C + αp) = R − αZ: R is affine in C
+            zz = Z.pow(2).sum()
+            if not zz > 0:
+                break
+            C = C + (R * Z).sum() / zz * p  # α = ⟨R, Z⟩/‖Z‖² minimises ‖R − αZ‖²
+    with torch.no_grad():
+        C, s = _round_int8(C) if cfg.vq_codebook_int8 else (C, scales0)
+        R = residual(C)
+        row_loss = R.pow(2).sum(1)
+        if not row_loss.sum() < row_loss0.sum():
+            return out
+        Qp = C[cg[None, :], rg[:, None], idx].reshape(d_out, d)
+        Q = torch.empty_like(Qp)
+        Q[:, perm] = Qp
+    return codes, C, s, Q, row_loss, trace
+
+
+def result(out: tuple, weight: torch.Tensor, perm: torch.Tensor, rank: int, cfg: QuantConfig,
+           report: dict) -> VQResult:
+    """Wraps the engine's outputs with the layer's bit count and EM summary."""
+    codes, C, scales, Q, row_loss, trace = out
+    d_out, d = weight.shape
+    ordered = not torch.equal(perm, torch.arange(d))
+    bits = bits_per_weight(d_out, d, cfg.vq_dim, cfg.bits, cfg.vq_group_cols, cfg.vq_group_rows, ordered,
+                           8 if cfg.vq_codebook_int8 else 16)
+    loss = float(row_loss.sum())
+    rep = {**report, "loss": loss, "bits": bits, "bpw": bits["bpw"]}
+    if trace.numel():
+        rep["em_objective"] = (float(trace[..., 0].sum()), float(trace[..., -1].sum()))
+    return VQResult(codes, C, scales, Q.to(weight.dtype), loss, row_loss, perm, rank, cfg.vq_dim, cfg.bits,
+                    cfg.vq_group_cols, cfg.vq_group_rows, trace, rep)
