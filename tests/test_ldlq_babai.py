@@ -158,3 +158,20 @@ def test_bits_per_weight_counts_the_checkpoint(gen):
     assert bits_per_weight(two, [(4096, 4096)], g_idx=False) == pytest.approx(2 + 18 / 128)
     with pytest.raises(ValueError, match="no weights"):
         bits_per_weight(two, [])
+
+
+def test_model_report_carries_clipping_and_slack():
+    """quantize_model with block LDLQ and the noclip grid: every layer's row says what happened."""
+    pytest.importorskip("transformers")
+    from tiny_models import ARCHS, VOCAB
+
+    torch.manual_seed(0)
+    model = ARCHS["llama"]().eval()
+    ids = torch.randint(0, VOCAB, (4, 32))
+    cfg = lrgptq.QuantConfig(bits=3, group_size=16, ldlq_dim=4, grid="noclip", grid_passes=12)
+    report = lrgptq.quantize_model(model, ids, cfg, progress=False)
+    for row in report.layers:
+        assert row["ldlq_dim"] == 4 and row["grid"] == "noclip"
+        assert row["clip_rate"] == 0 or row["grid_passes"] == 12, row["name"]
+        assert row["babai_slack_median"] > 0
+    assert "clip %" in report.table()
