@@ -29,12 +29,13 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=40)
+    p.add_argument("--fp32-ppl", type=float, help="the fp32 perplexity, if measured already (skips that run)")
     args = p.parse_args()
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; SmolLM2-135M; calib {args.nsamples}x"
           f"{args.seqlen} tokens of Emma; ppl on Persuasion, {args.max_windows} windows of {args.window}; "
           f"{'sym' if args.sym else 'asym'}")
     args.group_size = 128
-    fp = run_one(args, "fp32", 16, args.sym, args.nsamples)["ppl"]
+    fp = args.fp32_ppl if args.fp32_ppl else run_one(args, "fp32", 16, args.sym, args.nsamples)["ppl"]
     print(f"fp32 perplexity {fp:.3f}\n")
     print("| bits | group | bits/weight (with g_idx) | method | ppl | Δppl / Δgptq | clipped (all layers) | "
           "clipped (worst layer) | noclip passes (max) | slack median | slack max | s / layer | time / gptq |")
