@@ -25,7 +25,9 @@ from lrgptq.models import find_blocks, find_linears, weight_matrix
 
 METHODS: Dict[str, dict] = {  # QuantConfig.for_method presets and overrides; gptq is the baseline
     "gptq": {"method": "gptq"},
+    "gptq-undamped": {"method": "gptq", "damp": 0.0},
     "gptq-noclip": {"method": "gptq", "grid": "noclip"},
+    "ql": {"method": "gptq", "route": "ql", "accumulator": "qr"},  # exact, front to back
     "babai": {"method": "gptq", "route": "ql", "accumulator": "qr", "order": "babai"},
     "babai-noclip": {"method": "gptq", "route": "ql", "accumulator": "qr", "order": "babai", "grid": "noclip"},
     "ldlq2": {"method": "gptq", "ldlq_dim": 2},
@@ -40,7 +42,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, nargs="+", default=[0, 10, 20, 29])
     p.add_argument("--settings", nargs="+", default=["2:128", "3:128", "2:64"], help="bits:group_size")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=[m for m in METHODS if m not in ("gptq-undamped", "ql")],
+                   choices=list(METHODS))
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)

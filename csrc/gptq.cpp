@@ -314,7 +314,7 @@ GridKind parse_grid(c10::string_view grid) {
   TORCH_CHECK(false, "lrgptq.gptq_quantize_ex: grid must be 'minmax' or 'noclip', got '", grid, "'");
 }
 
-void check_ex(const at::Tensor& W, bool from_original, int64_t group_size, bool mse, bool static_groups,
+void check_ex(bool from_original, int64_t group_size, bool mse, bool static_groups,
               int64_t vec_dim, GridKind grid, int64_t max_passes) {
   TORCH_CHECK(vec_dim >= 1 && vec_dim <= kMaxVec, "lrgptq.gptq_quantize_ex: vec_dim (block LDLQ's D) must be in 1..",
               kMaxVec, ", got ", vec_dim);
@@ -328,7 +328,6 @@ void check_ex(const at::Tensor& W, bool from_original, int64_t group_size, bool 
   TORCH_CHECK(grid == GridKind::minmax || !mse,
               "lrgptq.gptq_quantize_ex: grid 'noclip' sets its own range; mse=True (a shrunk range) conflicts");
   TORCH_CHECK(max_passes >= 1, "lrgptq.gptq_quantize_ex: max_passes must be >= 1, got ", max_passes);
-  (void)W;
 }
 
 EngineExOut gptq_quantize_ex(const at::Tensor& W, const at::Tensor& perm, const at::Tensor& U_in,
@@ -337,7 +336,7 @@ EngineExOut gptq_quantize_ex(const at::Tensor& W, const at::Tensor& perm, const 
                              int64_t max_passes) {
   check_inputs(W, perm, U_in, bits, group_size, block_size);
   const GridKind grid = parse_grid(grid_name);
-  check_ex(W, from_original, group_size, mse, static_groups, vec_dim, grid, max_passes);
+  check_ex(from_original, group_size, mse, static_groups, vec_dim, grid, max_passes);
   const int64_t d_out = W.size(0), d = W.size(1);
   const int64_t gsz = group_size == -1 ? std::max<int64_t>(d, 1) : group_size;
   const int64_t G = (d + gsz - 1) / gsz;  // the last group is shorter when gsz does not divide d
