@@ -175,3 +175,11 @@ def test_model_report_carries_clipping_and_slack():
         assert row["clip_rate"] == 0 or row["grid_passes"] == 12, row["name"]
         assert row["babai_slack_median"] > 0
     assert "clip %" in report.table()
+
+
+def test_meta_kernel_gives_the_cpu_shapes(gen):
+    W, X, H = problem(gen, 6, 40)
+    perm, U = torch.arange(40), ref.cholesky_U(H)
+    cpu = ex_op(W, perm, U, bits=3, group_size=16, vec_dim=4, grid="noclip")
+    meta = ex_op(W.to("meta"), perm.to("meta"), U.to("meta"), bits=3, group_size=16, vec_dim=4, grid="noclip")
+    assert [(t.shape, t.dtype) for t in meta] == [(t.shape, t.dtype) for t in cpu]
