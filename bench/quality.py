@@ -23,6 +23,13 @@ METHODS = {
     "lrgptq": {"method": "lrgptq"},  # exact QR, SVD with spectral damping, pivoted order
     "lrgptq-undamped": {"method": "lrgptq", "damp": 0.0},
     "lrgptq-sketch": {"method": "lrgptq", "accumulator": "sketch", "sketch_size": 2048},
+    # issue 5: the clipping-free grid, Babai's back-to-front order on the exact QR, block LDLQ
+    "gptq-noclip": {"method": "gptq", "grid": "noclip"},
+    "babai": {"method": "gptq", "route": "ql", "accumulator": "qr", "order": "babai"},
+    "babai-noclip": {"method": "gptq", "route": "ql", "accumulator": "qr", "order": "babai", "grid": "noclip"},
+    "ldlq2": {"method": "gptq", "ldlq_dim": 2},
+    "ldlq4": {"method": "gptq", "ldlq_dim": 4},
+    "ldlq8": {"method": "gptq", "ldlq_dim": 8},
 }
 
 RUN = r"""
@@ -40,8 +47,19 @@ if a["method"] != "fp32":
     kw = {k: v for k, v in a["cfg"].items() if k != "method"}
     cfg = lrgptq.QuantConfig.for_method(a["cfg"]["method"], bits=a["bits"], group_size=a["group_size"], sym=a["sym"], **kw)
     t = time.perf_counter()
-    lrgptq.quantize_model(model, calib, cfg, progress=False)
+    rep = lrgptq.quantize_model(model, calib, cfg, progress=False)
     out["seconds"] = time.perf_counter() - t
+    from lrgptq.storage import bits_per_weight
+    L = rep.layers
+    n = sum(r["d_out"] * r["d"] for r in L)
+    out["bpw"] = bits_per_weight(cfg, [(r["d_out"], r["d"]) for r in L])
+    out["bpw_no_gidx"] = bits_per_weight(cfg, [(r["d_out"], r["d"]) for r in L], g_idx=False)
+    out["clip_rate"] = sum(r["clip_rate"] * r["d_out"] * r["d"] for r in L) / n
+    out["clip_max"] = max(r["clip_rate"] for r in L)
+    out["slack_median"] = sorted(r.get("babai_slack_median", float("nan")) for r in L)[len(L) // 2]
+    out["slack_max"] = max(r.get("babai_slack_max", 0.0) for r in L)
+    out["passes_max"] = max(r["grid_passes"] for r in L)
+    out["layer_seconds"] = sum(r["seconds"] for r in L) / len(L)
 out["ppl"] = lrgptq.perplexity(model, ids, a["window"], a["max_windows"])
 import resource
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

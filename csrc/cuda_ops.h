@@ -21,6 +21,7 @@ struct EngineTensors {
   at::Tensor codes;     // (d_out, d) uint8
   at::Tensor Q;         // (d_out, d)
   at::Tensor row_loss;  // (d_out), zero on entry
+  at::Tensor clipped;   // (d_out) int64, zero on entry: targets whose code was clamped
 };
 
 struct EngineParams {

@@ -4,6 +4,15 @@
 //   loss += (T_j − Q_j)² / U_jj².   Columns j >= k (past rank) are rounded with no feedback.
 // Group parameters come from the fully updated targets of the group's columns: blocks are cut at
 // every group start whose group would straddle the block end, so Q does not depend on the block size.
+// Block LDLQ (vec_dim D > 1): columns J = [j0, j0 + D) are chosen jointly. With z = U⁻ᵀ(w − q) the
+// loss is Σ z_j², and z_J = U_JJ⁻ᵀ (t_J − q_J) with t_J the targets updated by the columns before J,
+// so q_J = argmin over the grid of ‖U_JJ⁻ᵀ (t_J − q)‖² (a D-dim closest-point search, below);
+// e_J = z_J feeds forward exactly as the scalar errors do. D = 1 is scalar GPTQ.
+// Clipping: a target t_j whose rounded code falls outside 0..maxq (and is clamped) is counted per row.
+// grid "noclip": pass 1 as "minmax", recording each (group, row)'s range of targets; each later pass
+// fixes the smallest grids with |t − q| ≤ δ/2 on the union of the ranges seen so far (widened where
+// still clipped), and reruns, until a pass clips nothing (or max_passes): the condition of Babai's
+// bound (DESIGN §6.5).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,13 +29,18 @@ namespace lrgptq {
 namespace {
 
 using EngineOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using EngineExOut =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 constexpr int64_t kRowTile = 16;  // rows whose block segment (16 × B values) stays in L1
+constexpr int kMaxVec = 8;        // largest block LDLQ dimension D
+constexpr int64_t kMaxNodes = 1 << 16;  // search nodes per (row, D-block); the best found is kept
 
 template <typename T>
 struct Problem {
-  int64_t d_out, d, k, gsz;
+  int64_t d_out, d, k, gsz, D;
   bool from_original, sym, mse, static_groups;
+  bool fixed;         // grids given (static groups, or a noclip pass): none computed at group starts
   T maxq;
   T* Tw;              // targets, (d_out, d) row-major, perm order
   const T* W0;        // original weights in perm order (ql form) or nullptr
@@ -39,6 +53,31 @@ struct Problem {
   T* E;               // (d_out, B) scaled errors of the current block
   int64_t ldE;
   T* row_loss;        // (d_out)
+  int64_t* clipped;   // (d_out) targets whose code was clamped
+  T* tmin;            // (G, d_out) range of the targets seen per group and row, or nullptr
+  T* tmax;
+
+  int64_t group(int64_t j) const { return (static_groups ? perm[j] : j) / gsz; }
+  Grid<T> grid(int64_t j, int64_t r) const {
+    const int64_t i = group(j) * d_out + r;
+    return {scales[i], zeros[i]};
+  }
+  // Group params at a group start from the fully updated targets t[j .. j + gsz).
+  void start_group(const T* t, int64_t j, int64_t r) const {
+    if (fixed || j % gsz != 0) return;
+    const Grid<T> g = find_grid(t + j, std::min(gsz, d - j), maxq, sym, mse);
+    scales[(j / gsz) * d_out + r] = g.scale;
+    zeros[(j / gsz) * d_out + r] = g.zero;
+  }
+  // Bookkeeping of target t_j of row r: clipping count and the range seen.
+  void note_target(T x, const Grid<T>& g, int64_t j, int64_t r) const {
+    if (is_clipped(x, g, maxq)) ++clipped[r];
+    if (tmin != nullptr) {
+      const int64_t i = group(j) * d_out + r;
+      tmin[i] = std::min(tmin[i], x);
+      tmax[i] = std::max(tmax[i], x);
+    }
+  }
 };
 
 // Rows [r0, r1) through the block columns [i1, i2): the sequential hot loop.
@@ -50,13 +89,9 @@ void block_rows(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t
     T* e = P.E + r * P.ldE;
     T loss = 0;
     for (int64_t j = i1; j < i2; ++j) {
-      if (!P.static_groups && j % P.gsz == 0) {  // group params from the fully updated targets
-        const Grid<T> g = find_grid(t + j, std::min(P.gsz, d - j), P.maxq, P.sym, P.mse);
-        P.scales[(j / P.gsz) * P.d_out + r] = g.scale;
-        P.zeros[(j / P.gsz) * P.d_out + r] = g.zero;
-      }
-      const int64_t grp = (P.static_groups ? P.perm[j] : j) / P.gsz;
-      const Grid<T> g{P.scales[grp * P.d_out + r], P.zeros[grp * P.d_out + r]};
+      P.start_group(t, j, r);
+      const Grid<T> g = P.grid(j, r);
+      P.note_target(t[j], g, j, r);
       const T q = quant_code(t[j], g, P.maxq);
       const T Q = dequant(q, g);
       P.codes[r * d + j] = static_cast<uint8_t>(q);
@@ -77,14 +112,121 @@ void block_rows(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t
   }
 }
 
+// Block LDLQ's choice for one row and one D-block J: the grid point q_J minimising
+// ‖U_JJ⁻ᵀ (t_J − q)‖² = Σ_a z_a², z_a = (c_a − q_a)/U_aa, c_a = t_a − Σ_{i<a} U_ia z_i.
+// Depth-first (Schnorr–Euchner): at level a, codes nearest c_a first, alternating sides; a side is
+// dropped once its cost reaches the best leaf. The first leaf is the sequential (scalar GPTQ)
+// choice, and only a strictly better leaf replaces it, so the block never does worse than scalar
+// GPTQ on its own quadratic. At most kMaxNodes nodes per search; the best leaf found is kept.
+template <typename T>
+struct BlockSearch {
+  int n;
+  const T* t;    // t_J
+  const T* U;    // U_JJ: U_ab at U[a * ld + b]
+  int64_t ld;
+  const Grid<T>* g;
+  T maxq;
+  T z[kMaxVec];
+  int code[kMaxVec];
+  int best_code[kMaxVec];
+  T best = std::numeric_limits<T>::infinity();
+  int64_t nodes = 0;
+
+  T centre(int a) const {
+    T c = t[a];
+    for (int i = 0; i < a; ++i) c -= z[i] * U[i * ld + a];  // the scalar loop's order of updates
+    return c;
+  }
+
+  bool visit(int a, T c, int q, T partial) {
+    const T za = (c - dequant(T(q), g[a])) / U[a * ld + a];
+    const T p = partial + za * za;
+    if (!(p < best) || nodes >= kMaxNodes) return false;
+    ++nodes;
+    z[a] = za;
+    code[a] = q;
+    if (a + 1 == n) {
+      best = p;
+      std::copy(code, code + n, best_code);
+    } else {
+      descend(a + 1, p);
+    }
+    return true;
+  }
+
+  void descend(int a, T partial) {
+    const T c = centre(a);
+    const int top = static_cast<int>(maxq);
+    const int c0 = static_cast<int>(quant_code(c, g[a], maxq));
+    if (!visit(a, c, c0, partial)) return;
+    auto dist = [&](int q) { return std::abs(c - dequant(T(q), g[a])); };
+    int lo = c0 - 1, hi = c0 + 1;
+    while (lo >= 0 || hi <= top) {
+      if (hi <= top && (lo < 0 || dist(hi) < dist(lo))) {
+        hi = visit(a, c, hi, partial) ? hi + 1 : top + 1;
+      } else {
+        lo = visit(a, c, lo, partial) ? lo - 1 : -1;
+      }
+    }
+  }
+};
+
+// Rows [r0, r1) through the block columns [i1, i2), D columns at a time (block LDLQ).
+template <typename T>
+void block_rows_vec(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t r1) {
+  const int64_t d = P.d;
+  Grid<T> g[kMaxVec];
+  for (int64_t r = r0; r < r1; ++r) {
+    T* t = P.Tw + r * d;
+    T* e = P.E + r * P.ldE;
+    T loss = 0;
+    for (int64_t j0 = i1; j0 < i2; j0 += P.D) {
+      const int64_t j1 = std::min(j0 + P.D, i2);
+      P.start_group(t, j0, r);  // D divides the group size: groups start at block starts
+      const int n = static_cast<int>(std::max<int64_t>(0, std::min(j1, P.k) - j0));
+      for (int a = 0; a < j1 - j0; ++a) g[a] = P.grid(j0 + a, r);
+      BlockSearch<T> S{n, t + j0, P.U + j0 * d + j0, d, g, P.maxq};
+      if (n > 0) S.descend(0, 0);
+      for (int a = 0; a < n; ++a) {  // z_J of the chosen codes, as the scalar loop would compute it
+        const T c = S.centre(a);
+        const T Q = dequant(T(S.best_code[a]), g[a]);
+        S.z[a] = (c - Q) / P.U[(j0 + a) * d + j0 + a];
+        P.note_target(c, g[a], j0 + a, r);
+        P.codes[r * d + j0 + a] = static_cast<uint8_t>(S.best_code[a]);
+        P.Qp[r * d + j0 + a] = Q;
+        e[j0 + a - i1] = S.z[a];
+        loss += S.z[a] * S.z[a];
+      }
+      for (int64_t j = j0 + n; j < j1; ++j) {  // past rank k: rounded, no feedback
+        const Grid<T>& gj = g[j - j0];
+        P.note_target(t[j], gj, j, r);
+        const T q = quant_code(t[j], gj, P.maxq);
+        P.codes[r * d + j] = static_cast<uint8_t>(q);
+        P.Qp[r * d + j] = dequant(q, gj);
+        e[j - i1] = 0;
+      }
+      for (int a = 0; a < n; ++a) {  // T_l −= z_a U_al for the block's later columns
+        const T* u = P.U + (j0 + a) * d;
+        for (int64_t l = j1; l < i2; ++l) t[l] -= S.z[a] * u[l];
+      }
+    }
+    P.row_loss[r] += loss;
+  }
+}
+
 template <typename T>
 void run_engine(Problem<T>& P, const at::Tensor& Tw, const at::Tensor& U, const at::Tensor& E, int64_t B) {
   const int64_t n_tiles = (P.d_out + kRowTile - 1) / kRowTile;
   for (int64_t i1 = 0; i1 < P.d;) {
-    const int64_t i2 = block_end(i1, B, P.d, P.gsz, P.static_groups);
+    const int64_t i2 = block_end(i1, B, P.d, P.gsz, P.fixed);
     at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t tile = t0; tile < t1; ++tile)
-        block_rows(P, i1, i2, tile * kRowTile, std::min((tile + 1) * kRowTile, P.d_out));
+      for (int64_t tile = t0; tile < t1; ++tile) {
+        const int64_t r0 = tile * kRowTile, r1 = std::min((tile + 1) * kRowTile, P.d_out);
+        if (P.D == 1)
+          block_rows(P, i1, i2, r0, r1);
+        else
+          block_rows_vec(P, i1, i2, r0, r1);
+      }
     });
     // Lazy batch update of the columns after the block: T[:, i2:] −= E[:, :kb] U[i1:i1+kb, i2:].
     const int64_t kb = std::max<int64_t>(0, std::min(i2, P.k) - i1);
@@ -92,6 +234,27 @@ void run_engine(Problem<T>& P, const at::Tensor& Tw, const at::Tensor& U, const 
       Tw.narrow(1, i2, P.d - i2).addmm_(E.narrow(1, 0, kb), U.narrow(0, i1, kb).narrow(1, i2, P.d - i2), 1, -1);
     i1 = i2;
   }
+}
+
+// Grids of a noclip pass: per (group, row), the covering grid of the targets' range seen so far.
+// From the third pass on, a side of a range that still grew in the last pass (those clipped) is
+// pushed out by a further kWiden of the range, so that the passes end (geometric growth).
+constexpr double kWiden = 0.125;
+
+template <typename T>
+void covering_grids(const Problem<T>& P, int64_t G, const T* prev_min, const T* prev_max, bool widen) {
+  at::parallel_for(0, G * P.d_out, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      if (widen) {
+        const T span = P.tmax[i] - P.tmin[i];
+        if (P.tmin[i] < prev_min[i]) P.tmin[i] -= T(kWiden) * span;
+        if (P.tmax[i] > prev_max[i]) P.tmax[i] += T(kWiden) * span;
+      }
+      const Grid<T> g = covering_grid(P.tmin[i], P.tmax[i], P.maxq, P.sym);
+      P.scales[i] = g.scale;
+      P.zeros[i] = g.zero;
+    }
+  });
 }
 
 // Static groups: params of group g from the original W[:, g·gsz : (g+1)·gsz] before any update.
@@ -137,44 +300,103 @@ void check_inputs(const at::Tensor& W, const at::Tensor& perm, const at::Tensor&
               "lrgptq.gptq_quantize: U has a zero pivot U_jj; the factor route must put columns past rank last");
 }
 
-EngineOut gptq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::Tensor& U_in, bool from_original,
-                        int64_t bits, int64_t group_size, bool sym, bool mse, bool static_groups,
-                        int64_t block_size) {
+enum class GridKind { minmax, noclip };
+
+GridKind parse_grid(c10::string_view grid) {
+  if (grid == "minmax") return GridKind::minmax;
+  if (grid == "noclip") return GridKind::noclip;
+  TORCH_CHECK(false, "lrgptq.gptq_quantize_ex: grid must be 'minmax' or 'noclip', got '", grid, "'");
+}
+
+void check_ex(bool from_original, int64_t group_size, bool mse, bool static_groups,
+              int64_t vec_dim, GridKind grid, int64_t max_passes) {
+  TORCH_CHECK(vec_dim >= 1 && vec_dim <= kMaxVec, "lrgptq.gptq_quantize_ex: vec_dim (block LDLQ's D) must be in 1..",
+              kMaxVec, ", got ", vec_dim);
+  TORCH_CHECK(vec_dim == 1 || !from_original,
+              "lrgptq.gptq_quantize_ex: block LDLQ (vec_dim > 1) needs the factor U with H⁻¹ = UᵀU; the 'ql' "
+              "route hands the engine its ql form (from_original): use route 'cholesky' or 'svdqr'");
+  TORCH_CHECK(vec_dim == 1 || static_groups || group_size == -1 || group_size % vec_dim == 0,
+              "lrgptq.gptq_quantize_ex: with groups set from the updated weights, group_size (", group_size,
+              ") must be a multiple of vec_dim (", vec_dim, ") so that no D-block straddles a group start; "
+              "change one of them or use static_groups");
+  TORCH_CHECK(grid == GridKind::minmax || !mse,
+              "lrgptq.gptq_quantize_ex: grid 'noclip' sets its own range; mse=True (a shrunk range) conflicts");
+  TORCH_CHECK(max_passes >= 1, "lrgptq.gptq_quantize_ex: max_passes must be >= 1, got ", max_passes);
+}
+
+EngineExOut gptq_quantize_ex(const at::Tensor& W, const at::Tensor& perm, const at::Tensor& U_in,
+                             bool from_original, int64_t bits, int64_t group_size, bool sym, bool mse,
+                             bool static_groups, int64_t block_size, int64_t vec_dim, c10::string_view grid_name,
+                             int64_t max_passes) {
   check_inputs(W, perm, U_in, bits, group_size, block_size);
+  const GridKind grid = parse_grid(grid_name);
+  check_ex(from_original, group_size, mse, static_groups, vec_dim, grid, max_passes);
   const int64_t d_out = W.size(0), d = W.size(1);
   const int64_t gsz = group_size == -1 ? std::max<int64_t>(d, 1) : group_size;
   const int64_t G = (d + gsz - 1) / gsz;  // the last group is shorter when gsz does not divide d
   const auto opts = W.options();
   at::Tensor Wc = W.contiguous();
   const bool identity = at::equal(perm, at::arange(d, perm.options()));
-  at::Tensor Tw = identity ? Wc.clone() : Wc.index_select(1, perm).contiguous();
-  at::Tensor W0 = from_original ? Tw.clone() : at::Tensor();
+  at::Tensor Wp = identity ? Wc : Wc.index_select(1, perm).contiguous();
+  at::Tensor Tw = at::empty_like(Wp);
+  at::Tensor W0 = from_original ? Wp : at::Tensor();
   at::Tensor U = U_in.to(W.scalar_type()).contiguous();
   at::Tensor scales = at::zeros({G, d_out}, opts), zeros = at::zeros({G, d_out}, opts);
   at::Tensor codes_p = at::empty({d_out, d}, opts.dtype(at::kByte));
   at::Tensor Q_p = at::empty({d_out, d}, opts);
-  const int64_t B = std::min(block_size, std::max<int64_t>(d, 1));
+  // Blocks of B columns hold whole D-blocks.
+  const int64_t B0 = std::min(block_size, std::max<int64_t>(d, 1));
+  const int64_t B = std::max(vec_dim, B0 - B0 % vec_dim);
   at::Tensor row_loss = at::zeros({d_out}, opts);
+  at::Tensor row_clipped = at::zeros({d_out}, opts.dtype(at::kLong));
+  at::Tensor tmin, tmax;  // ranges of targets, kept across noclip passes
+  if (grid == GridKind::noclip) {
+    tmin = at::zeros({G, d_out}, opts);
+    tmax = at::zeros({G, d_out}, opts);
+  }
   at::Tensor perm_c = perm.contiguous();
+  int64_t passes = 0;
 
   if (W.is_cuda()) {
 #ifdef LRGPTQ_WITH_CUDA
-    gptq_engine_cuda({Tw, W0, Wc, U, perm_c, scales, zeros, codes_p, Q_p, row_loss},
+    TORCH_CHECK(vec_dim == 1 && grid == GridKind::minmax,
+                "lrgptq.gptq_quantize_ex: block LDLQ (vec_dim > 1) and grid 'noclip' run on the CPU only; "
+                "move W, perm and U to the CPU (.cpu()) or use vec_dim=1, grid='minmax' on CUDA");
+    Tw.copy_(Wp);
+    gptq_engine_cuda({Tw, W0, Wc, U, perm_c, scales, zeros, codes_p, Q_p, row_loss, row_clipped},
                      {gsz, bits, B, from_original, sym, mse, static_groups});
+    passes = 1;
 #else
     TORCH_CHECK(false, "lrgptq.gptq_quantize: this build has no CUDA kernels; rebuild with a CUDA torch");
 #endif
   } else {
     at::Tensor E = at::zeros({d_out, B}, opts);
-    AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "gptq_quantize", [&] {
-      Problem<scalar_t> P{d_out, d, U.size(0), gsz, from_original, sym, mse, static_groups,
+    AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "gptq_quantize_ex", [&] {
+      Problem<scalar_t> P{d_out, d, U.size(0), gsz, vec_dim, from_original, sym, mse, static_groups, static_groups,
                           static_cast<scalar_t>((1 << bits) - 1), Tw.data_ptr<scalar_t>(),
                           from_original ? W0.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
                           perm_c.data_ptr<int64_t>(), scales.data_ptr<scalar_t>(), zeros.data_ptr<scalar_t>(),
                           codes_p.data_ptr<uint8_t>(), Q_p.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(), B,
-                          row_loss.data_ptr<scalar_t>()};
+                          row_loss.data_ptr<scalar_t>(), row_clipped.data_ptr<int64_t>(),
+                          tmin.defined() ? tmin.data_ptr<scalar_t>() : nullptr,
+                          tmax.defined() ? tmax.data_ptr<scalar_t>() : nullptr};
       if (static_groups) static_grids(P, Wc);
-      run_engine(P, Tw, U, E, B);
+      at::Tensor prev_min, prev_max;  // ranges before the last pass
+      while (true) {
+        if (tmin.defined()) {
+          prev_min = tmin.clone();
+          prev_max = tmax.clone();
+        }
+        Tw.copy_(Wp);
+        row_loss.zero_();
+        row_clipped.zero_();
+        run_engine(P, Tw, U, E, B);
+        ++passes;
+        if (grid == GridKind::minmax || passes >= max_passes || row_clipped.sum().item<int64_t>() == 0) break;
+        // next pass: the smallest grids that cover every target seen so far
+        covering_grids(P, G, prev_min.data_ptr<scalar_t>(), prev_max.data_ptr<scalar_t>(), passes >= 2);
+        P.fixed = true;
+      }
     });
   }
 
@@ -188,7 +410,17 @@ EngineOut gptq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::T
     g_idx = at::empty({d}, opts.dtype(at::kInt))
                 .index_copy_(0, perm, at::arange(d, opts.dtype(at::kInt)).div_(gsz, "floor"));
   }
-  return {codes, scales, zeros, g_idx, Q, row_loss};
+  return {codes, scales, zeros, g_idx, Q, row_loss, row_clipped, at::full({1}, passes, opts.dtype(at::kLong))};
+}
+
+// The published engine: scalar GPTQ on the min-max (or MSE) grid.
+EngineOut gptq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::Tensor& U, bool from_original,
+                        int64_t bits, int64_t group_size, bool sym, bool mse, bool static_groups,
+                        int64_t block_size) {
+  auto out = gptq_quantize_ex(W, perm, U, from_original, bits, group_size, sym, mse, static_groups, block_size, 1,
+                              "minmax", 1);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out),
+          std::get<5>(out)};
 }
 
 // Shapes only, so torch.compile can trace callers.
@@ -201,13 +433,31 @@ EngineOut gptq_quantize_meta(const at::Tensor& W, const at::Tensor& perm, const 
           at::empty({d}, o.dtype(at::kInt)), at::empty({d_out, d}, o), at::empty({d_out}, o)};
 }
 
+EngineExOut gptq_quantize_ex_meta(const at::Tensor& W, const at::Tensor& perm, const at::Tensor& U, bool fo,
+                                  int64_t bits, int64_t group_size, bool sym, bool mse, bool sg, int64_t B, int64_t,
+                                  c10::string_view, int64_t) {
+  auto out = gptq_quantize_meta(W, perm, U, fo, bits, group_size, sym, mse, sg, B);
+  const auto o = W.options().dtype(at::kLong);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out),
+          std::get<5>(out), at::empty({W.size(0)}, o), at::empty({1}, o)};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lrgptq, CPU, m) { m.impl("gptq_quantize", &gptq_quantize); }
-TORCH_LIBRARY_IMPL(lrgptq, Meta, m) { m.impl("gptq_quantize", &gptq_quantize_meta); }
+TORCH_LIBRARY_IMPL(lrgptq, CPU, m) {
+  m.impl("gptq_quantize", &gptq_quantize);
+  m.impl("gptq_quantize_ex", &gptq_quantize_ex);
+}
+TORCH_LIBRARY_IMPL(lrgptq, Meta, m) {
+  m.impl("gptq_quantize", &gptq_quantize_meta);
+  m.impl("gptq_quantize_ex", &gptq_quantize_ex_meta);
+}
 #ifdef LRGPTQ_WITH_CUDA
 // Same host code: checks and layout in ATen on the device, the block loop in csrc/cuda/gptq.cu.
-TORCH_LIBRARY_IMPL(lrgptq, CUDA, m) { m.impl("gptq_quantize", &gptq_quantize); }
+TORCH_LIBRARY_IMPL(lrgptq, CUDA, m) {
+  m.impl("gptq_quantize", &gptq_quantize);
+  m.impl("gptq_quantize_ex", &gptq_quantize_ex);
+}
 #endif
 
 }  // namespace lrgptq

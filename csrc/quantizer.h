@@ -26,6 +26,13 @@ LRGPTQ_HD inline T quant_code(T x, const Grid<T>& g, T maxq) {
   return std::min(std::max(std::nearbyint(x / g.scale) + g.zero, T(0)), maxq);
 }
 
+// Clipping: x's rounded code falls outside 0..maxq, so quant_code clamps it.
+template <typename T>
+LRGPTQ_HD inline bool is_clipped(T x, const Grid<T>& g, T maxq) {
+  const T c = std::nearbyint(x / g.scale) + g.zero;
+  return c < 0 || c > maxq;
+}
+
 template <typename T>
 LRGPTQ_HD inline T dequant(T q, const Grid<T>& g) {
   return g.scale * (q - g.zero);
@@ -78,6 +85,31 @@ LRGPTQ_HD inline Grid<T> find_grid_fn(const X& x, int64_t n, T maxq, bool sym, b
 template <typename T>
 inline Grid<T> find_grid(const T* x, int64_t n, T maxq, bool sym, bool mse) {
   return find_grid_fn<T>([x](int64_t i) { return x[i]; }, n, maxq, sym, mse);
+}
+
+// The smallest grid whose rounding never clamps a value of [xmin, xmax] (widened to contain 0):
+// every x must satisfy −1/2 < x/scale + zero < maxq + 1/2, so for a zero z the scale is
+//   scale(z) = max(−xmin/(z + 1/2), xmax/(maxq − z + 1/2)),
+// minimised over integer z in 0..maxq (sym: z = 2^(bits−1)), then raised a few ulps so that a value
+// on the edge cannot round outwards. |x − dequant(quant(x))| ≤ scale/2 on the whole range.
+template <typename T>
+inline Grid<T> covering_grid(T xmin, T xmax, T maxq, bool sym) {
+  xmin = std::min(xmin, T(0));
+  xmax = std::max(xmax, T(0));
+  if (xmin == 0 && xmax == 0) {
+    xmin = -1;
+    xmax = 1;
+  }
+  auto scale_for = [&](T z) { return std::max(-xmin / (z + T(0.5)), xmax / (maxq - z + T(0.5))); };
+  Grid<T> best{scale_for(std::nearbyint((maxq + 1) / 2)), std::nearbyint((maxq + 1) / 2)};
+  if (!sym) {
+    for (T z = 0; z <= maxq; z += 1) {
+      const T s = scale_for(z);
+      if (s < best.scale) best = {s, z};
+    }
+  }
+  best.scale *= T(1) + T(16) * std::numeric_limits<T>::epsilon();
+  return best;
 }
 
 }  // namespace lrgptq

@@ -224,3 +224,56 @@ def qr_R(X, R0=None):
 def objective(W, Q, X):
     """||(W - Q) X^T||_F^2 in float64."""
     return float(((W.double() - Q.double()) @ X.reshape(-1, X.shape[-1]).double().T).pow(2).sum())
+
+
+def block_ldlq(W, perm, U, *, D, bits=4, group_size=-1, sym=False, static_groups=False):
+    """Block LDLQ by brute force: columns D at a time (perm order), the D codes minimising
+    ‖U_JJ^-T (t_J − q)‖² over every code combination, then T[:, J+] −= z_J U[J, J+]; a full-rank U,
+    min-max grids from the fully updated targets at each group start. D = 1 is scalar GPTQ.
+    Returns (codes uint8 original order, Q original order, row_loss, row_clipped)."""
+    import itertools
+
+    d_out, d = W.shape
+    dt = W.dtype
+    perm = perm.long()
+    maxq = 2**bits - 1
+    gs = d if group_size == -1 else group_size
+    T = W[:, perm].clone()
+    G = -(-d // gs)
+    scales = torch.zeros(G, d_out, dtype=dt)
+    zeros = torch.zeros(G, d_out, dtype=dt)
+    if static_groups:
+        for g in range(G):
+            scales[g], zeros[g] = quant_params(W[:, g * gs:(g + 1) * gs], bits, sym, False)
+    codes = torch.zeros(d_out, d, dtype=dt)
+    Q = torch.zeros(d_out, d, dtype=dt)
+    loss = torch.zeros(d_out, dtype=dt)
+    clipped = torch.zeros(d_out, dtype=torch.long)
+    for j0 in range(0, d, D):
+        J = list(range(j0, min(j0 + D, d)))
+        n = len(J)
+        if not static_groups and j0 % gs == 0:
+            scales[j0 // gs], zeros[j0 // gs] = quant_params(T[:, j0:j0 + gs], bits, sym, False)
+        grp = [(int(perm[j]) if static_groups else j) // gs for j in J]
+        s = torch.stack([scales[g] for g in grp], 1)  # (d_out, n)
+        z = torch.stack([zeros[g] for g in grp], 1)
+        cand = torch.tensor(list(itertools.product(range(maxq + 1), repeat=n)), dtype=dt)  # (C, n)
+        Ainv = torch.linalg.inv(U[j0:j0 + n, j0:j0 + n].T)  # U_JJ^-T
+        for r in range(d_out):
+            q = s[r] * (cand - z[r])  # (C, n)
+            cost = ((T[r, J] - q) @ Ainv.T).square().sum(1)
+            c = int(torch.argmin(cost))
+            codes[r, J] = cand[c]
+            Q[r, J] = q[c]
+        E = torch.linalg.solve_triangular(U[j0:j0 + n, j0:j0 + n].T, (T[:, J] - Q[:, J]).T, upper=False).T
+        # clipping: each target c_a = t_a − Σ_{i<a} U_ia z_i rounds outside 0..maxq
+        centre = T[:, J] - E @ torch.triu(U[j0:j0 + n, j0:j0 + n], 1)
+        raw = torch.round(centre / s) + z
+        clipped += ((raw < 0) | (raw > maxq)).sum(1)
+        loss += E.square().sum(1)
+        T[:, j0 + n:] -= E @ U[j0:j0 + n, j0 + n:]
+    out_codes = torch.empty(d_out, d, dtype=torch.uint8)
+    out_codes[:, perm] = codes.to(torch.uint8)
+    out_Q = torch.empty_like(Q)
+    out_Q[:, perm] = Q
+    return out_codes, out_Q, loss, clipped

@@ -49,6 +49,7 @@ struct Args {
   T* Q;
   T* E;  // (B, d_out) column-major scaled errors of the block
   T* row_loss;
+  int64_t* clipped;
 };
 
 // Static groups: the grid of (row r, group g) from the original W, before any update.
@@ -93,6 +94,7 @@ __global__ void __launch_bounds__(kThreads) block_kernel(Args<T> a, int64_t i1, 
   const int64_t cs = in_shared ? kStride : 1;
   const T* trow = a.Tw + (live ? r : 0) * d;  // columns past the block (read by a group starting at i1)
   T loss = 0;
+  int64_t n_clipped = 0;
   for (int64_t j = i1; j < i2; ++j) {
     __syncwarp();  // the updates of the previous column are visible to the whole row
     const int64_t c = j - i1;
@@ -108,6 +110,7 @@ __global__ void __launch_bounds__(kThreads) block_kernel(Args<T> a, int64_t i1, 
       const int64_t grp = (a.static_groups ? a.perm[j] : j) / a.gsz;
       const Grid<T> g{a.scales[grp * a.d_out + r], a.zeros[grp * a.d_out + r]};
       const T tj = t[c * cs];
+      n_clipped += is_clipped(tj, g, a.maxq);
       const T q = quant_code(tj, g, a.maxq);
       const T Qj = dequant(q, g);
       a.codes[r * d + j] = static_cast<uint8_t>(q);
@@ -129,7 +132,10 @@ __global__ void __launch_bounds__(kThreads) block_kernel(Args<T> a, int64_t i1, 
       for (int64_t l = j + 1 + sub; l < i2; l += kLanes) t[(l - i1) * cs] -= err * u[l];
     }
   }
-  if (sub == 0 && live) a.row_loss[r] += loss;
+  if (sub == 0 && live) {
+    a.row_loss[r] += loss;
+    a.clipped[r] += n_clipped;
+  }
 }
 
 template <typename T>
@@ -141,7 +147,7 @@ void run(const EngineTensors& x, const EngineParams& p) {
             static_cast<T>((1 << p.bits) - 1), x.Tw.data_ptr<T>(), x.Tw.data_ptr<T>(),
             p.from_original ? x.W0.data_ptr<T>() : nullptr, x.U.data_ptr<T>(), x.perm.data_ptr<int64_t>(),
             x.scales.data_ptr<T>(), x.zeros.data_ptr<T>(), x.codes.data_ptr<uint8_t>(), x.Q.data_ptr<T>(),
-            E.data_ptr<T>(), x.row_loss.data_ptr<T>()};
+            E.data_ptr<T>(), x.row_loss.data_ptr<T>(), x.clipped.data_ptr<int64_t>()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (d_out == 0 || d == 0) return;
   if (p.static_groups) {

@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import torch
 
-from .config import METHODS, ORDERS, ROUTES, TRUNCATIONS, QuantConfig
+from .config import GRIDS, METHODS, ORDERS, ROUTES, TRUNCATIONS, QuantConfig
 
 
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
@@ -33,6 +33,11 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--truncation", choices=TRUNCATIONS, default="rel", help="svdqr: rule that drops meaningless singular values")
     g.add_argument("--tau", type=float, default=1e-4, help="svdqr: threshold of the truncation rule (default 1e-4)")
     g.add_argument("--block-size", type=int, default=128, help="columns per lazy batch update (default 128)")
+    g.add_argument("--ldlq-dim", type=int, default=1,
+                   help="block LDLQ: choose D columns' codes jointly, D in 1..8 (default 1 = scalar GPTQ)")
+    g.add_argument("--grid", choices=GRIDS, default="minmax",
+                   help="minmax (GPTQ's) or noclip (rerun with grids covering the error feedback's targets)")
+    g.add_argument("--grid-passes", type=int, default=4, help="noclip: most passes (default 4)")
     g.add_argument("--skip", nargs="*", default=[], help="leave layers whose name contains any of these in full precision")
     g.add_argument("--no-true-sequential", action="store_true",
                    help="capture all of a block's inputs at once instead of subset by subset")
@@ -44,7 +49,8 @@ def _config(args: argparse.Namespace) -> QuantConfig:
     return QuantConfig.for_method(
         args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, mse=args.mse,
         static_groups=args.static_groups, damp=args.damp, damp_ref=args.damp_ref,
-        truncation=args.truncation, tau=args.tau, block_size=args.block_size, seed=args.seed, **overrides,
+        truncation=args.truncation, tau=args.tau, block_size=args.block_size, seed=args.seed,
+        ldlq_dim=args.ldlq_dim, grid=args.grid, grid_passes=args.grid_passes, **overrides,
     )
 
 

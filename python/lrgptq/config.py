@@ -13,6 +13,8 @@ ACCUMULATORS = ("gram", "qr", "sketch")
 TRUNCATIONS = ("rel", "energy", "none")
 DAMP_REFS = ("mean", "median")
 SKETCH_KINDS = ("sparse", "gaussian")
+GRIDS = ("minmax", "noclip")
+MAX_LDLQ_DIM = 8
 COMPUTE_DTYPES = (torch.float32, torch.float64)
 VQ_DIMS = (0, 1, 2, 4)
 METHODS = {
@@ -36,6 +38,11 @@ class QuantConfig:
     order: ``identity``, ``act`` (diag H descending), ``pivot`` (pivoted-QR order) or ``babai``
     (back to front; with route ``ql`` this is Babai's nearest plane on R).
     accumulator: what is kept of the inputs: ``gram`` (H), ``qr`` (R, exact) or ``sketch`` (Y).
+    ldlq_dim: D, the columns quantized jointly (block LDLQ: the D codes that minimise the block's
+    error under the D×D diagonal block of U); 1 is scalar GPTQ.
+    grid: ``minmax`` (GPTQ's: range of the group's targets at its first column, or an MSE search)
+    or ``noclip`` (reruns with the smallest grids that cover every target the error feedback
+    produced, until nothing is clamped or ``grid_passes`` runs: the condition of Babai's bound).
     """
 
     bits: int = 4
@@ -56,6 +63,9 @@ class QuantConfig:
     truncation: str = "rel"
     tau: float = 1e-4
     block_size: int = 128
+    ldlq_dim: int = 1
+    grid: str = "minmax"
+    grid_passes: int = 4
     compute_dtype: torch.dtype = torch.float32
     factor_dtype: torch.dtype = torch.float64
     # GPTVQ (python/lrgptq/vq.py): 0 = the scalar grid; 1, 2 or 4 = vector quantization with
@@ -90,6 +100,7 @@ class QuantConfig:
             ("accumulator", ACCUMULATORS),
             ("truncation", TRUNCATIONS),
             ("damp_ref", DAMP_REFS),
+            ("grid", GRIDS),
             ("sketch_kind", SKETCH_KINDS),
             ("compute_dtype", COMPUTE_DTYPES),
             ("factor_dtype", COMPUTE_DTYPES),
@@ -102,6 +113,8 @@ class QuantConfig:
         check_int("seed", 0)
         check_int("max_retries", 0)
         check_int("block_size", 1)
+        check_int("ldlq_dim", 1, MAX_LDLQ_DIM)
+        check_int("grid_passes", 1)
         if self.sketch_size is not None:
             check_int("sketch_size", 1)
         for field in ("damp", "tau"):
@@ -113,6 +126,15 @@ class QuantConfig:
             raise _bad("sketch_size", None, "set (the sketch's row count m) when accumulator='sketch'")
         if self.route == "ql" and self.accumulator == "sketch":
             raise _bad("route", "ql", "'svdqr' or 'cholesky' with a sketch (a sketch has m < d rows)")
+        if self.ldlq_dim > 1 and self.route == "ql":
+            raise _bad("route", "ql", "'cholesky' or 'svdqr' with ldlq_dim > 1 (block LDLQ needs U with H⁻¹ = UᵀU)")
+        if self.ldlq_dim > 1 and not self.static_groups and self.group_size % self.ldlq_dim != 0 and (
+            self.group_size != -1
+        ):
+            raise _bad("group_size", self.group_size, f"a multiple of ldlq_dim={self.ldlq_dim} (or -1, or use "
+                       "static_groups) so that no block of columns straddles a group start")
+        if self.grid == "noclip" and self.mse:
+            raise _bad("mse", True, "False with grid='noclip' (noclip sets the range from the targets)")
 
     def _check_vq(self) -> None:
         if self.vq_dim not in VQ_DIMS or isinstance(self.vq_dim, bool):
@@ -133,6 +155,9 @@ class QuantConfig:
                 raise _bad(field, v, "an integer >= 0")
         if not isinstance(self.vq_codebook_int8, bool):
             raise _bad("vq_codebook_int8", self.vq_codebook_int8, "True or False")
+        if self.vq_dim and (self.ldlq_dim > 1 or self.grid != "minmax"):
+            raise _bad("vq_dim", self.vq_dim, "0 with ldlq_dim > 1 or grid='noclip' (options of the scalar grid; "
+                       "vector quantization picks codes and codebooks itself)")
 
     @classmethod
     def for_method(cls, method: str, **overrides: Any) -> "QuantConfig":

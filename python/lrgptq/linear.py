@@ -28,6 +28,18 @@ class QuantResult:
     perm: torch.Tensor  # the order the columns were quantized in
     rank: int
     report: dict = field(default_factory=dict)
+    row_clipped: Optional[torch.Tensor] = None  # per row: targets clamped to the grid's end codes
+
+
+def babai_bound(scales: torch.Tensor, g_idx: torch.Tensor, perm: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """Per row, Babai's bound on the loss when nothing is clipped (DESIGN §6.5):
+    Σ_j (δ_j²/4)/U_jj² over the k factored columns, δ_j the step of column j's group (1/U_jj = L_jj)."""
+    k = U.shape[0]
+    if k == 0:
+        return torch.zeros(scales.shape[1], dtype=torch.float64)
+    cols = perm[:k].long()
+    step = scales.double()[g_idx.long()[cols]]  # (k, d_out)
+    return (step.square() / (4 * torch.diagonal(U).double().square()[:, None])).sum(0)
 
 
 def make_accumulator(
@@ -136,9 +148,9 @@ def quantize_linear(
         if cfg.vq_dim:
             out = vq.run(W, perm, U, f.from_original, cfg)
         else:
-            codes, scales, zeros, g_idx, Q, row_loss = torch.ops.lrgptq.gptq_quantize(
-                W, perm, U, f.from_original, cfg.bits, cfg.group_size, cfg.sym,
-                cfg.mse, cfg.static_groups, cfg.block_size,
+            codes, scales, zeros, g_idx, Q, row_loss, row_clipped, info = torch.ops.lrgptq.gptq_quantize_ex(
+                W, perm, U, f.from_original, cfg.bits, cfg.group_size, cfg.sym, cfg.mse, cfg.static_groups,
+                cfg.block_size, cfg.ldlq_dim, cfg.grid, cfg.grid_passes,
             )
     except (RuntimeError, ValueError) as err:
         if str(err).startswith(f"{name}:"):
@@ -147,5 +159,10 @@ def quantize_linear(
     if cfg.vq_dim:
         return vq.result(out, weight, f.perm, f.rank, cfg, {**f.report, "d": d, "rank": f.rank})
     loss = float(row_loss.sum())
-    report = {**f.report, "d": d, "rank": f.rank, "loss": loss}
-    return QuantResult(codes, scales, zeros, g_idx, Q.to(weight.dtype), loss, row_loss, f.perm, f.rank, report)
+    report = {**f.report, "d": d, "rank": f.rank, "loss": loss, "ldlq_dim": cfg.ldlq_dim, "grid": cfg.grid,
+              "grid_passes": int(info[0]), "clip_rate": float(row_clipped.sum()) / max(codes.numel(), 1)}
+    if f.rank > 0:
+        slack = row_loss.double() / babai_bound(scales, g_idx, perm, U)
+        report.update(babai_slack_median=float(slack.median()), babai_slack_max=float(slack.max()))
+    return QuantResult(codes, scales, zeros, g_idx, Q.to(weight.dtype), loss, row_loss, f.perm, f.rank, report,
+                       row_clipped)

@@ -36,14 +36,16 @@ class ModelReport:
     true_sequential: bool = True  # as quantize_model ran (checkpoints record it)
 
     def table(self) -> str:
-        head = f"{'layer':<48} {'shape':>12} {'tokens':>7} {'rank':>6} {'loss':>11} {'note'}"
+        head = f"{'layer':<48} {'shape':>12} {'tokens':>7} {'rank':>6} {'loss':>11} {'clip %':>7} {'note'}"
         rows = [head, "-" * len(head)]
         for r in self.layers:
             shape = f"{r['d_out']}x{r['d']}"
             note = r.get("note", "")
             if r.get("damp_retries"):
                 note = (note + f" damp raised x10^{r['damp_retries']}").strip()
-            rows.append(f"{r['name']:<48} {shape:>12} {r['tokens']:>7} {r['rank']:>6} {r['loss']:>11.4g} {note}")
+            clip = f"{100 * r['clip_rate']:.3f}" if "clip_rate" in r else "-"
+            rows.append(f"{r['name']:<48} {shape:>12} {r['tokens']:>7} {r['rank']:>6} {r['loss']:>11.4g} {clip:>7} "
+                        f"{note}")
         return "\n".join(rows)
 
 
