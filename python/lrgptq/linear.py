@@ -60,7 +60,9 @@ def make_accumulator(
     )
 
 
-def _accumulate(inputs: Inputs, config: QuantConfig, d: int, name: str, device: torch.device) -> Accumulator:
+def _accumulate(
+    inputs: Inputs, config: QuantConfig, d: int, name: str, device: Optional[torch.device] = None
+) -> Accumulator:
     if isinstance(inputs, Accumulator):
         if inputs.d != d:
             raise ValueError(f"{name}: the accumulator has d={inputs.d} but the weight has in_features={d}")
