@@ -1,6 +1,6 @@
 // The two steps every error-feedback engine shares (DESIGN §4): rows through a block in tiles
 // that stay in L1, split across threads, and the lazy batch update after the block.
-// (csrc/gptq.cpp has the same two steps inline; it can call these once both live on one branch.)
+// Used by the scalar engine (csrc/gptq.cpp) and the vector one (csrc/vq.cpp).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -22,6 +22,7 @@
 
 #include "checks.h"
 #include "cuda_ops.h"
+#include "engine_common.h"
 #include "gptq_blocks.h"
 #include "quantizer.h"
 
@@ -32,7 +33,6 @@ using EngineOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at:
 using EngineExOut =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-constexpr int64_t kRowTile = 16;  // rows whose block segment (16 × B values) stays in L1
 constexpr int kMaxVec = 8;        // largest block LDLQ dimension D
 constexpr int64_t kMaxNodes = 1 << 16;  // search nodes per (row, D-block); the best found is kept
 
@@ -215,23 +215,16 @@ void block_rows_vec(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int
 }
 
 template <typename T>
-void run_engine(Problem<T>& P, const at::Tensor& Tw, const at::Tensor& U, const at::Tensor& E, int64_t B) {
-  const int64_t n_tiles = (P.d_out + kRowTile - 1) / kRowTile;
+void run_engine(Problem<T>& P, at::Tensor& Tw, const at::Tensor& U, const at::Tensor& E, int64_t B) {
   for (int64_t i1 = 0; i1 < P.d;) {
     const int64_t i2 = block_end(i1, B, P.d, P.gsz, P.fixed);
-    at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t tile = t0; tile < t1; ++tile) {
-        const int64_t r0 = tile * kRowTile, r1 = std::min((tile + 1) * kRowTile, P.d_out);
-        if (P.D == 1)
-          block_rows(P, i1, i2, r0, r1);
-        else
-          block_rows_vec(P, i1, i2, r0, r1);
-      }
+    for_row_tiles(P.d_out, [&](int64_t r0, int64_t r1) {
+      if (P.D == 1)
+        block_rows(P, i1, i2, r0, r1);
+      else
+        block_rows_vec(P, i1, i2, r0, r1);
     });
-    // Lazy batch update of the columns after the block: T[:, i2:] −= E[:, :kb] U[i1:i1+kb, i2:].
-    const int64_t kb = std::max<int64_t>(0, std::min(i2, P.k) - i1);
-    if (i2 < P.d && kb > 0)
-      Tw.narrow(1, i2, P.d - i2).addmm_(E.narrow(1, 0, kb), U.narrow(0, i1, kb).narrow(1, i2, P.d - i2), 1, -1);
+    lazy_update(Tw, E, U, i1, i2, P.k);
     i1 = i2;
   }
 }
