@@ -66,3 +66,14 @@ for i in "${!pids[@]}"; do
 done
 if [ -e "$OUT/failed" ]; then echo "check_cuda: some CUDA sources do not compile" >&2; exit 1; fi
 echo "check_cuda: all ${#files[@]} CUDA sources compile for sm_80 and sm_90"
+
+# The host code's CUDA branches (#ifdef LRGPTQ_WITH_CUDA in csrc/*.cpp: dispatch to the kernels,
+# TORCH_LIBRARY_IMPL(lrgptq, CUDA, ...)) are compiled only in a CUDA build: check their syntax too.
+CXX_FLAGS=(-fsyntax-only -std=c++17 -Wall -Werror -Wno-unused-function -fopenmp -DLRGPTQ_WITH_CUDA
+           "-D_GLIBCXX_USE_CXX11_ABI=$ABI" -Icsrc "-I$PY_INC")
+for inc in "${TORCH_INC[@]}"; do CXX_FLAGS+=("-isystem" "$inc"); done
+mapfile -t hosts < <(grep -l LRGPTQ_WITH_CUDA csrc/*.cpp)
+for f in "${hosts[@]}"; do
+  "${CXX:-c++}" "${CXX_FLAGS[@]}" "$f" || { echo "FAIL $f (with LRGPTQ_WITH_CUDA)"; exit 1; }
+done
+echo "check_cuda: the CUDA branches of ${#hosts[@]} host sources compile"
