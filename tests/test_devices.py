@@ -1,4 +1,5 @@
 """Device handling of the Python layer, checked on the CPU (the CUDA side is tests/test_cuda.py)."""
+import pytest
 import torch
 
 import lrgptq
@@ -23,3 +24,11 @@ def test_quantize_linear_leaves_the_callers_weight_alone(gen):
     res = lrgptq.quantize_linear(W, X, cfg)
     assert torch.equal(W, W_before)
     assert torch.all(res.weight[:, 3] == 0) and res.codes.device == W.device
+
+
+def test_vq_refuses_a_weight_off_the_cpu():
+    """The GPTVQ engine has no CUDA kernel: a weight elsewhere gets a clear error, not a dispatcher one."""
+    cfg = lrgptq.QuantConfig(bits=2, vq_dim=2, vq_group_cols=8, vq_group_rows=4)
+    W = torch.empty(4, 8, device="meta")
+    with pytest.raises(ValueError, match="CPU only"):
+        lrgptq.vq.run(W, torch.arange(8, device="meta"), torch.empty(8, 8, device="meta"), False, cfg)

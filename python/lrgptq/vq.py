@@ -100,6 +100,9 @@ def run(W: torch.Tensor, perm: torch.Tensor, U: torch.Tensor, from_original: boo
     """The engine call for a compute-dtype W and its factor (perm, U), then, with
     ``cfg.vq_codebook_steps``, the codebook update (full-rank factors with H⁻¹ = UᵀU: not the
     ql form, whose factor plays another part)."""
+    if W.device.type != "cpu":
+        raise ValueError(f"the GPTVQ engine (vq_dim={cfg.vq_dim}) runs on the CPU only, the weight is on {W.device}: "
+                         "move the layer to the CPU or use vq_dim=0 (the scalar grid runs on CUDA)")
     out = torch.ops.lrgptq.vq_quantize(
         W, perm, U, from_original, cfg.vq_dim, cfg.bits, cfg.vq_group_cols, cfg.vq_group_rows, cfg.vq_em_iters,
         cfg.vq_codebook_int8, None, cfg.block_size,
