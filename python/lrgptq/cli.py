@@ -18,9 +18,9 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization")
     g.add_argument("--method", choices=sorted(METHODS), default="lrgptq",
                    help="preset: gptq = Cholesky of the damped H (as published); lrgptq = exact streaming QR, "
-                        "SVD truncation, pivoted order (never damps); rtn = round to nearest (default: lrgptq)")
-    g.add_argument("--bits", type=int, default=4, help="bits per weight, 2..8 (default 4)")
-    g.add_argument("--group-size", type=int, default=128, help="input channels per scale/zero; -1 = one per row (default 128)")
+                        "SVD with spectral damping and truncation, pivoted order (never fails); rtn = round to nearest")
+    g.add_argument("--bits", type=int, default=4, help="bits per weight, 2..8")
+    g.add_argument("--group-size", type=int, default=128, help="input channels per scale/zero; -1 = one per row")
     g.add_argument("--sym", action="store_true", help="symmetric grid (zero fixed at 2^(bits-1)); default asymmetric")
     g.add_argument("--mse", action="store_true", help="search the grid's range by MSE (shrink factors) instead of min-max")
     g.add_argument("--static-groups", action="store_true", help="group grids from the original weights, before any update")
@@ -28,16 +28,16 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--order", choices=ORDERS, help="column order: identity, act (diag H), pivot (pivoted QR), babai (back to front)")
     g.add_argument("--accumulator", choices=("gram", "qr", "sketch"), help="what is kept of the inputs: H, R, or a sketch Y")
     g.add_argument("--sketch-size", type=int, help="rows m of the sketch (accumulator sketch)")
-    g.add_argument("--damp", type=float, default=0.01, help="cholesky route: λ = damp × mean (or median) diag H (default 0.01)")
+    g.add_argument("--damp", type=float, default=0.01, help="cholesky route: λ = damp × mean (or median) diag H")
     g.add_argument("--damp-ref", choices=("mean", "median"), default="mean", help="diagonal statistic that damp multiplies")
     g.add_argument("--truncation", choices=TRUNCATIONS, default="rel", help="svdqr: rule that drops meaningless singular values")
-    g.add_argument("--tau", type=float, default=1e-4, help="svdqr: threshold of the truncation rule (default 1e-4)")
-    g.add_argument("--block-size", type=int, default=128, help="columns per lazy batch update (default 128)")
+    g.add_argument("--tau", type=float, default=1e-4, help="svdqr: threshold of the truncation rule")
+    g.add_argument("--block-size", type=int, default=128, help="columns per lazy batch update")
     g.add_argument("--ldlq-dim", type=int, default=1,
-                   help="block LDLQ: choose D columns' codes jointly, D in 1..8 (default 1 = scalar GPTQ)")
+                   help="block LDLQ: choose D columns' codes jointly, D in 1..8; 1 = scalar GPTQ")
     g.add_argument("--grid", choices=GRIDS, default="minmax",
                    help="minmax (GPTQ's) or noclip (rerun with grids covering the error feedback's targets)")
-    g.add_argument("--grid-passes", type=int, default=4, help="noclip: most passes (default 4)")
+    g.add_argument("--grid-passes", type=int, default=4, help="noclip: most passes")
     g.add_argument("--skip", nargs="*", default=[], help="leave layers whose name contains any of these in full precision")
     g.add_argument("--no-true-sequential", action="store_true",
                    help="capture all of a block's inputs at once instead of subset by subset")
