@@ -53,6 +53,25 @@ def test_quantize_saves_a_checkpoint_that_loads(tmp_path, monkeypatch, capsys):
     assert any(isinstance(m, lrgptq.QuantLinear) for m in loaded.modules())
 
 
+def test_quantize_vq_saves_a_gptvq_checkpoint(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    model = ARCHS["llama"]().eval()
+    monkeypatch.setattr(cli, "_load", lambda path, gguf: (model, CharTokenizer()))
+    text = tmp_path / "calib.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession. " * 40)
+    out_dir = tmp_path / "ckpt"
+    rc = cli.main(["quantize", "tiny", "--calib", str(text), "--nsamples", "4", "--seqlen", "32", "--method", "gptq",
+                   "--bits", "2", "--vq-dim", "2", "--vq-group-cols", "16", "--vq-group-rows", "8",
+                   "--save", str(out_dir), "--report", str(tmp_path / "report.json")])
+    assert rc == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["config"]["vq_dim"] == 2 and report["config"]["vq_group_cols"] == 16
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "gptvq"
+    loaded = lrgptq.load(str(out_dir), dtype=torch.float32)
+    assert any(type(m).__name__ == "VQLinear" for m in loaded.modules())
+
+
 def test_bad_option_is_an_error_not_a_traceback(tmp_path, monkeypatch, capsys):
     model = ARCHS["llama"]().eval()
     monkeypatch.setattr(cli, "_load", lambda path, gguf: (model, CharTokenizer()))

@@ -38,6 +38,10 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grid", choices=GRIDS, default="minmax",
                    help="minmax (GPTQ's) or noclip (rerun with grids covering the error feedback's targets)")
     g.add_argument("--grid-passes", type=int, default=4, help="noclip: most passes")
+    g.add_argument("--vq-dim", type=int, default=0, choices=(0, 1, 2, 4),
+                   help="GPTVQ: columns per codebook vector (0 = the scalar grid); codebooks of 2^(bits*D) entries")
+    g.add_argument("--vq-group-cols", type=int, default=256, help="GPTVQ: columns sharing one codebook")
+    g.add_argument("--vq-group-rows", type=int, default=32, help="GPTVQ: rows sharing one codebook")
     g.add_argument("--skip", nargs="*", default=[], help="leave layers whose name contains any of these in full precision")
     g.add_argument("--no-true-sequential", action="store_true",
                    help="capture all of a block's inputs at once instead of subset by subset")
@@ -50,7 +54,8 @@ def _config(args: argparse.Namespace) -> QuantConfig:
         args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, mse=args.mse,
         static_groups=args.static_groups, damp=args.damp, damp_ref=args.damp_ref,
         truncation=args.truncation, tau=args.tau, block_size=args.block_size, seed=args.seed,
-        ldlq_dim=args.ldlq_dim, grid=args.grid, grid_passes=args.grid_passes, **overrides,
+        ldlq_dim=args.ldlq_dim, grid=args.grid, grid_passes=args.grid_passes, vq_dim=args.vq_dim,
+        vq_group_cols=args.vq_group_cols, vq_group_rows=args.vq_group_rows, **overrides,
     )
 
 
