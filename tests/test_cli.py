@@ -25,6 +25,20 @@ class CharTokenizer:
             json.dump({"kind": "chars", "vocab": VOCAB}, f)
 
 
+CALIB = "It is a truth universally acknowledged, that a single man in possession. " * 40
+
+
+@pytest.fixture
+def calib_text(tmp_path, monkeypatch):
+    """A tiny Llama behind the CLI's loader, and a calibration text file for it."""
+    torch.manual_seed(0)
+    model = ARCHS["llama"]().eval()
+    monkeypatch.setattr(cli, "_load", lambda path, gguf: (model, CharTokenizer()))
+    text = tmp_path / "calib.txt"
+    text.write_text(CALIB)
+    return text
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         cli.main(["quantize", "--help"])
@@ -34,12 +48,8 @@ def test_help_explains_every_option(capsys):
         assert option in out
 
 
-def test_quantize_saves_a_checkpoint_that_loads(tmp_path, monkeypatch, capsys):
-    torch.manual_seed(0)
-    model = ARCHS["llama"]().eval()
-    monkeypatch.setattr(cli, "_load", lambda path, gguf: (model, CharTokenizer()))
-    text = tmp_path / "calib.txt"
-    text.write_text("It is a truth universally acknowledged, that a single man in possession. " * 40)
+def test_quantize_saves_a_checkpoint_that_loads(tmp_path, calib_text, capsys):
+    text = calib_text
     out_dir = tmp_path / "ckpt"
     rc = cli.main(["quantize", "tiny", "--calib", str(text), "--nsamples", "4", "--seqlen", "32",
                    "--eval-text", str(text), "--window", "64", "--bits", "4", "--group-size", "32",
@@ -53,12 +63,8 @@ def test_quantize_saves_a_checkpoint_that_loads(tmp_path, monkeypatch, capsys):
     assert any(isinstance(m, lrgptq.QuantLinear) for m in loaded.modules())
 
 
-def test_quantize_vq_saves_a_gptvq_checkpoint(tmp_path, monkeypatch, capsys):
-    torch.manual_seed(0)
-    model = ARCHS["llama"]().eval()
-    monkeypatch.setattr(cli, "_load", lambda path, gguf: (model, CharTokenizer()))
-    text = tmp_path / "calib.txt"
-    text.write_text("It is a truth universally acknowledged, that a single man in possession. " * 40)
+def test_quantize_vq_saves_a_gptvq_checkpoint(tmp_path, calib_text):
+    text = calib_text
     out_dir = tmp_path / "ckpt"
     rc = cli.main(["quantize", "tiny", "--calib", str(text), "--nsamples", "4", "--seqlen", "32", "--method", "gptq",
                    "--bits", "2", "--vq-dim", "2", "--vq-group-cols", "16", "--vq-group-rows", "8",
@@ -86,7 +92,7 @@ def test_quantize_stream_writes_and_resumes_a_checkpoint(tmp_path, monkeypatch, 
     ARCHS["llama"]().eval().save_pretrained(tmp_path / "model")
     monkeypatch.setattr(cli, "_tokenizer", lambda path, gguf=None: CharTokenizer())
     text = tmp_path / "calib.txt"
-    text.write_text("It is a truth universally acknowledged, that a single man in possession. " * 40)
+    text.write_text(CALIB)
     argv = ["quantize", str(tmp_path / "model"), "--stream", "--calib", str(text), "--nsamples", "4",
             "--seqlen", "32", "--group-size", "32", "--save", str(tmp_path / "ckpt")]
     assert cli.main(argv) == 0
