@@ -160,6 +160,15 @@ def test_bits_per_weight_counts_the_checkpoint(gen):
         bits_per_weight(two, [])
 
 
+def test_bits_per_weight_counts_the_gptvq_layout_for_vq_configs():
+    """A GPTVQ config is counted in its own layout: 2-bit indices, 4 codebooks of 16 2-D int8 entries
+    with an fp16 scale each, and the int16 column order of a non-identity order; never the GPTQ one."""
+    cfg = lrgptq.QuantConfig(bits=2, vq_dim=2, vq_group_cols=32, vq_group_rows=20, order="pivot")
+    assert layer_bits(cfg, 40, 64) == 40 * 64 * 2 + 4 * 16 * 2 * 8 + 4 * 16 + 64 * 16
+    plain = lrgptq.QuantConfig(bits=2, vq_dim=2, vq_group_cols=32, vq_group_rows=20, order="identity")
+    assert layer_bits(plain, 40, 64) == 40 * 64 * 2 + 4 * 16 * 2 * 8 + 4 * 16
+
+
 def test_model_report_carries_clipping_and_slack():
     """quantize_model with block LDLQ and the noclip grid: every layer's row says what happened."""
     pytest.importorskip("transformers")

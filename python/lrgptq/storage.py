@@ -1,9 +1,12 @@
-"""Bits per weight of a scalar quantization as the GPTQ checkpoint stores it (DESIGN §9)."""
+"""Bits per weight of a quantization as its checkpoint stores it: the GPTQ layout (DESIGN §9) for
+the scalar grid, the GPTVQ layout (docs/vq.md, counted by :func:`lrgptq.vq.bits_per_weight`) with
+``vq_dim`` > 0."""
 
 from __future__ import annotations
 
 from typing import Iterable, Tuple
 
+from . import vq
 from .config import QuantConfig
 
 
@@ -16,7 +19,12 @@ def layer_bits(config: QuantConfig, d_out: int, d: int, g_idx: bool = True) -> i
     """Bits stored for one (d_out, d) linear: qweight (codes packed along the inputs), qzeros
     (one `bits`-bit zero per group and output, stored for symmetric grids too), fp16 scales per
     group and output, and with ``g_idx`` the int32 group index of each input. The bias, stored in
-    fp16 whether or not the layer is quantized, is not counted."""
+    fp16 whether or not the layer is quantized, is not counted. A GPTVQ config counts its own
+    layout instead (indices, codebooks, their scales, the column order unless it is the identity)."""
+    if config.vq_dim:
+        ordered = config.order != "identity"
+        return int(vq.bits_per_weight(d_out, d, config.vq_dim, config.bits, config.vq_group_cols,
+                                      config.vq_group_rows, ordered)["total"])
     groups = 1 if config.group_size == -1 else -(-d // config.group_size)
     qweight = 32 * _words(d, config.bits) * d_out
     qzeros = 32 * groups * _words(d_out, config.bits)
