@@ -7,6 +7,8 @@ from typing import List, Optional, Union
 
 import torch
 
+from . import ops
+
 KINDS = ("gram", "qr", "sketch")
 
 
@@ -67,7 +69,7 @@ class Accumulator:
         if self._pending:
             batch = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
             self._pending, self._pending_rows = [], 0
-            torch.ops.lrgptq.qr_update(self._state, batch)
+            ops.qr_update(self._state, batch)
 
     def add(self, X: torch.Tensor) -> "Accumulator":
         """Adds a batch of inputs of shape (..., d), any float dtype."""
@@ -76,10 +78,10 @@ class Accumulator:
         X = X.detach().to(self._state.device)
         n = X.numel() // self.d if X.shape and X.shape[-1] == self.d else 0
         if self.kind == "gram":
-            torch.ops.lrgptq.gram_update(self._state, X)
+            ops.gram_update(self._state, X)
         elif self.kind == "qr":
             if not X.is_floating_point() or X.shape[-1:] != (self.d,):
-                torch.ops.lrgptq.qr_update(self._state, X)  # the op's own error names what is wrong
+                ops.qr_update(self._state, X)  # the op's own error names what is wrong
             rows = X.reshape(-1, self.d).to(self._state.dtype, copy=True)  # the model may reuse X
             if not bool(torch.isfinite(rows).all()):
                 raise ValueError("Accumulator.add: X contains NaN or Inf; clean the calibration inputs X")
@@ -88,8 +90,8 @@ class Accumulator:
             if self._pending_rows >= 2 * self.d:
                 self._flush()
         else:
-            torch.ops.lrgptq.sketch_update(
-                self._state, X, self.seed, self.offset + self.tokens, self.sketch_kind, self.zeta
+            ops.sketch_update(
+                self._state, X, seed=self.seed, offset=self.offset + self.tokens, kind=self.sketch_kind, zeta=self.zeta
             )
         self.tokens += n
         return self
@@ -102,7 +104,7 @@ class Accumulator:
                 f"into {self.kind} {tuple(self.state.shape)}"
             )
         if self.kind == "qr":
-            torch.ops.lrgptq.qr_update(self.state, other.state)
+            ops.qr_update(self.state, other.state)
         else:
             self._state += other.state
         self.tokens += other.tokens

@@ -25,6 +25,7 @@ import torch
 from .accumulate import Accumulator
 from .config import QuantConfig
 from .linear import Factor, QuantResult, factorize, quantize_linear
+from . import ops
 
 
 def _tokens(batch: Any) -> int:
@@ -121,7 +122,7 @@ class Distributed(Comm):
             if self.rank % (2 * step) == 0 and self.rank + step < self.world:
                 other = torch.empty_like(R, device=self.device)
                 self.dist.recv(other, src=self._global(self.rank + step), group=self.group)
-                torch.ops.lrgptq.qr_update(R, other.cpu())
+                ops.qr_update(R, other.cpu())
             elif self.rank % (2 * step) == step:
                 self.dist.send(R.to(self.device), dst=self._global(self.rank - step), group=self.group)
                 break

@@ -7,7 +7,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 
-from . import vq
+from . import ops, vq
 from .accumulate import Accumulator
 from .config import QuantConfig
 
@@ -101,18 +101,18 @@ def factorize(acc: Accumulator, config: QuantConfig) -> Factor:
         dev = acc.state.device
         return Factor(torch.arange(acc.d, device=dev), torch.empty(0, acc.d, device=dev), 0, None, False, route,
                       report)
-    perm, U, rank, dead, info = torch.ops.lrgptq.factor(
-        acc.state, acc.kind, route, config.order, config.damp, config.damp_ref, config.max_retries,
-        config.truncation, config.tau, config.factor_dtype,
+    f = ops.factor(
+        acc.state, source=acc.kind, route=route, order=config.order, damp=config.damp, damp_ref=config.damp_ref,
+        max_retries=config.max_retries, truncation=config.truncation, tau=config.tau, dtype=config.factor_dtype,
     )
     report.update(
-        damp_lambda=float(info[0]), damp_retries=int(info[1]), dead=int(info[2]),
-        sigma_max=float(info[3]), sigma_min_kept=float(info[4]),
+        damp_lambda=f.damp_lambda, damp_retries=f.damp_retries, dead=int(f.dead.sum()),
+        sigma_max=f.sigma_max, sigma_min_kept=f.sigma_min_kept,
     )
     if acc.kind != "sketch" and acc.tokens < acc.d:
         report["note"] = (f"{acc.tokens} calibration tokens for {acc.d} inputs: H has rank <= {acc.tokens}; "
                           f"{route} {'damped' if report['damp_lambda'] > 0 else 'truncated'} it")
-    return Factor(perm, U, int(rank), dead, bool(info[5] > 0), route, report)
+    return Factor(f.perm, f.U, f.rank, f.dead, f.from_original, route, report)
 
 
 def quantize_linear(
@@ -150,9 +150,10 @@ def quantize_linear(
         if cfg.vq_dim:
             out = vq.run(W, perm, U, f.from_original, cfg)
         else:
-            codes, scales, zeros, g_idx, Q, row_loss, row_clipped, info = torch.ops.lrgptq.gptq_quantize_ex(
-                W, perm, U, f.from_original, cfg.bits, cfg.group_size, cfg.sym, cfg.mse, cfg.static_groups,
-                cfg.block_size, cfg.ldlq_dim, cfg.grid, cfg.grid_passes,
+            codes, scales, zeros, g_idx, Q, row_loss, row_clipped, passes = ops.gptq_quantize(
+                W, perm, U, from_original=f.from_original, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
+                mse=cfg.mse, static_groups=cfg.static_groups, block_size=cfg.block_size, ldlq_dim=cfg.ldlq_dim,
+                grid=cfg.grid, grid_passes=cfg.grid_passes,
             )
     except (RuntimeError, ValueError) as err:
         if str(err).startswith(f"{name}:"):
@@ -162,7 +163,7 @@ def quantize_linear(
         return vq.result(out, weight, f.perm, f.rank, cfg, {**f.report, "d": d, "rank": f.rank})
     loss = float(row_loss.sum())
     report = {**f.report, "d": d, "rank": f.rank, "loss": loss, "ldlq_dim": cfg.ldlq_dim, "grid": cfg.grid,
-              "grid_passes": int(info[0]), "clip_rate": float(row_clipped.sum()) / max(codes.numel(), 1)}
+              "grid_passes": passes, "clip_rate": float(row_clipped.sum()) / max(codes.numel(), 1)}
     if f.rank > 0:
         slack = row_loss.double() / babai_bound(scales, g_idx, perm, U)
         report.update(babai_slack_median=float(slack.median()), babai_slack_max=float(slack.max()))

@@ -13,6 +13,7 @@ import math
 from typing import Optional
 
 import torch
+from . import ops
 from torch import nn
 
 # checkpoint_format -> what is added to a stored zero point to get z: v1 stores z − 1.
@@ -66,17 +67,17 @@ class QuantLinear(nn.Module):
         return ZERO_OFFSETS[self.checkpoint_format]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.lrgptq.qmatmul(
+        return ops.qmatmul(
             x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset, self.bias
         )
 
     def codes(self) -> torch.Tensor:
         """The integer codes q, uint8 (out, in)."""
-        return torch.ops.lrgptq.unpack_bits(self.qweight, self.bits, 0, self.in_features).t()
+        return ops.unpack_bits(self.qweight, self.bits, 0, self.in_features).t()
 
     def zeros(self) -> torch.Tensor:
         """The zero points z (stored value + the format's offset), int32 (groups, out)."""
-        stored = torch.ops.lrgptq.unpack_bits(self.qzeros, self.bits, 1, self.out_features)
+        stored = ops.unpack_bits(self.qzeros, self.bits, 1, self.out_features)
         return stored.to(torch.int32) + self.zero_offset
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -120,8 +121,8 @@ class QuantLinear(nn.Module):
                 f"{checkpoint_format!r} stores as z − 1 = −1 and no reader decodes; use 'gptq_v2'"
             )
         with torch.no_grad():
-            m.qweight.copy_(torch.ops.lrgptq.pack_bits(codes.t(), bits, 0))
-            m.qzeros.copy_(torch.ops.lrgptq.pack_bits(stored, bits, 1))
+            m.qweight.copy_(ops.pack_bits(codes.t(), bits, 0))
+            m.qzeros.copy_(ops.pack_bits(stored, bits, 1))
             m.scales.copy_(scales)
             m.g_idx.copy_(g_idx)
             if bias is not None:

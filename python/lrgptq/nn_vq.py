@@ -14,6 +14,7 @@ import math
 from typing import Optional
 
 import torch
+from . import ops
 from torch import nn
 
 
@@ -70,7 +71,7 @@ class VQLinear(nn.Module):
         return torch.arange(self.in_features) if self.perm is None else self.perm.long()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.lrgptq.vq_matmul(x, self.codes, self.codebooks, self.codebook_scales, self.order(),
+        return ops.vq_matmul(x, self.codes, self.codebooks, self.codebook_scales, self.order(),
                                           self.group_cols, self.group_rows, self.bias)
 
     def dequantize(self) -> torch.Tensor:

@@ -49,6 +49,7 @@ from .linear import QuantResult
 from .models import find_blocks, set_weight_matrix
 from .nn import QuantLinear
 from .pipeline import BlockStep, ModelReport, _progress, eval_mode, next_inputs
+from . import ops
 
 MANIFEST = "lrgptq-stream.json"
 REST = "model-rest.safetensors"
@@ -370,8 +371,8 @@ def _to_v2(path: Path, bits: int) -> None:
     tensors = load_file(str(path))
     for key in [k for k in tensors if k.endswith(".qzeros")]:
         out_features = tensors[key[: -len("qzeros")] + "scales"].shape[1]
-        z = torch.ops.lrgptq.unpack_bits(tensors[key], bits, 1, out_features).to(torch.int32) + 1
-        tensors[key] = torch.ops.lrgptq.pack_bits(z, bits, 1)
+        z = ops.unpack_bits(tensors[key], bits, 1, out_features).to(torch.int32) + 1
+        tensors[key] = ops.pack_bits(z, bits, 1)
     checkpoint.save_file_atomic(tensors, path)
 
 

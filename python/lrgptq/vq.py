@@ -16,6 +16,7 @@ from typing import Dict, Iterable
 
 import torch
 
+from . import ops
 from .config import QuantConfig
 
 
@@ -103,10 +104,11 @@ def run(W: torch.Tensor, perm: torch.Tensor, U: torch.Tensor, from_original: boo
     if W.device.type != "cpu":
         raise ValueError(f"the GPTVQ engine (vq_dim={cfg.vq_dim}) runs on the CPU only, the weight is on {W.device}: "
                          "move the layer to the CPU or use vq_dim=0 (the scalar grid runs on CUDA)")
-    out = torch.ops.lrgptq.vq_quantize(
-        W, perm, U, from_original, cfg.vq_dim, cfg.bits, cfg.vq_group_cols, cfg.vq_group_rows, cfg.vq_em_iters,
-        cfg.vq_codebook_int8, None, cfg.block_size,
-    )
+    out = tuple(ops.vq_quantize(
+        W, perm, U, from_original=from_original, dim=cfg.vq_dim, bits=cfg.bits, group_cols=cfg.vq_group_cols,
+        group_rows=cfg.vq_group_rows, em_iters=cfg.vq_em_iters, codebook_int8=cfg.vq_codebook_int8,
+        block_size=cfg.block_size,
+    ))
     if cfg.vq_codebook_steps and not from_original and U.shape[0] == W.shape[1] > 0:
         out = update_codebooks(W, out, perm, U, cfg)
     return out

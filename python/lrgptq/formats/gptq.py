@@ -33,6 +33,7 @@ from torch import nn
 
 from ..models import is_linear, weight_matrix
 from ..nn import BITS, QuantLinear, ZERO_OFFSETS
+from .. import ops
 from .base import Prepared
 
 QUANT_METHOD = "gptq"
@@ -257,7 +258,7 @@ def _check_values(m: QuantLinear, s: Settings, name: str, where: str) -> None:
     if not bool(torch.isfinite(m.scales).all()):
         raise ValueError(f"{where}: {name}.scales holds NaN or Inf")
     maxq = (1 << s.bits) - 1
-    stored = torch.ops.lrgptq.unpack_bits(m.qzeros, s.bits, 1, m.out_features)
+    stored = ops.unpack_bits(m.qzeros, s.bits, 1, m.out_features)
     if m.zero_offset == 1 and bool((stored == maxq).any()):
         raise ValueError(
             f"{where}: {name}.qzeros holds the v1 field {maxq} (z − 1 = −1 from an asymmetric z = 0), "

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# A development build in this checkout, without reinstalling: compiles the C++ core into
+# build/dev with the given Python's torch and links it into python/lrgptq, so that
+# `PYTHONPATH=python $PY -m pytest -q tests` runs this checkout's code (Python and C++).
+# Usage: scripts/dev_build.sh [python]   (default: .venv/bin/python, else python3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${1:-}"
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+PY="$(command -v "$PY")"
+cmake -S . -B build/dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$PY" \
+  -DLRGPTQ_CUDA="${LRGPTQ_CUDA:-OFF}" >/dev/null
+cmake --build build/dev
+so="$(ls build/dev/_C*.so)"
+ln -sf "$(pwd)/$so" "python/lrgptq/$(basename "$so")"
+echo "built $so -> python/lrgptq/$(basename "$so")"
