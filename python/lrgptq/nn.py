@@ -13,8 +13,9 @@ import math
 from typing import Optional
 
 import torch
-from . import ops
 from torch import nn
+
+from . import ops
 
 # checkpoint_format -> what is added to a stored zero point to get z: v1 stores z − 1.
 ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}

@@ -14,8 +14,9 @@ import math
 from typing import Optional
 
 import torch
-from . import ops
 from torch import nn
+
+from . import ops
 
 
 def pack_codes(codes: torch.Tensor, width: int) -> torch.Tensor:
