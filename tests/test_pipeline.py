@@ -116,3 +116,28 @@ def test_fewer_tokens_than_inputs_is_reported(method: str) -> None:
     assert all("24 calibration tokens" in r["note"] for r in report.layers)
     assert all(r["tokens"] == 24 for r in report.layers)
     assert float((out - ref).abs().max()) < float(ref.abs().max())
+
+
+def test_capture_passes_stop_before_the_layers_they_capture() -> None:
+    # True-sequential capture of a Llama block: the passes for q/k/v, o, gate/up and down stop
+    # at the captured layer's input, so down_proj (the last layer) multiplies only in the pass
+    # that finds the subsets (batch 0) and in the pass that makes the next block's inputs, and
+    # q_proj in the o, gate/up and down capture passes and the next-inputs pass.
+    torch.manual_seed(0)
+    model = ARCHS["llama"]().eval()
+    ids = torch.randint(0, VOCAB, (3, 16))
+    _, blocks = find_blocks(model)
+    runs = {}
+    handles = []
+    for i, block in enumerate(blocks):
+        for name, m in find_linears(block).items():
+            runs[(i, name)] = 0
+            handles.append(m.register_forward_hook(lambda *_a, key=(i, name): runs.__setitem__(key, runs[key] + 1)))
+    lrgptq.quantize_model(model, ids, lrgptq.QuantConfig(bits=4, group_size=16), progress=False)
+    for h in handles:
+        h.remove()
+    n = ids.shape[0]
+    for i in range(len(blocks)):
+        assert runs[(i, "mlp.down_proj")] == n + 1, runs
+        assert runs[(i, "mlp.up_proj")] == 2 * n + 1, runs
+        assert runs[(i, "self_attn.q_proj")] == 4 * n + 1, runs

@@ -49,15 +49,16 @@ def input_hooks(
 ) -> Iterator[Callable[[], None]]:
     """Streams every input of each module to ``sink(name, X)``; the hooks are always removed.
 
-    With ``stop_when_all_seen``, the forward pass is cut short (``StopForward``) as soon as every
-    module has seen its input: the rest of the block is not needed to capture them. The context
-    yields a ``reset`` to call before each forward pass, so each pass waits for every module.
+    The hooks run before each module computes (forward pre-hooks), so with ``stop_when_all_seen``
+    the forward pass is cut short (``StopForward``) as soon as the last module has its input,
+    before it multiplies: neither that module nor the rest of the block runs. The context yields a
+    ``reset`` to call before each forward pass, so each pass waits for every module.
     """
     handles = []
     seen: set = set()
 
     def make(name: str) -> Callable:
-        def hook(_module: nn.Module, args: tuple, _out: Any) -> None:
+        def hook(_module: nn.Module, args: tuple) -> None:
             sink(name, args[0].detach())
             if stop_when_all_seen:
                 seen.add(name)
@@ -68,7 +69,7 @@ def input_hooks(
 
     try:
         for name, module in modules.items():
-            handles.append(module.register_forward_hook(make(name)))
+            handles.append(module.register_forward_pre_hook(make(name)))
         yield seen.clear
     finally:
         for h in handles:
