@@ -161,7 +161,7 @@ def test_engine_mse_close(gen):
 @pytest.mark.parametrize("ugly", ["dead", "outlier", "collinear", "few_tokens"])
 @pytest.mark.parametrize("route", ["cholesky", "svdqr", "ql"])
 def test_quantize_linear_ugly_inputs(gen, ugly, route):
-    """DESIGN §6's ugly cases through quantize_linear with the weight on CUDA vs on the CPU."""
+    """docs/design.md §6's ugly cases through quantize_linear with the weight on CUDA vs on the CPU."""
     d, N = 64, 256
     X = rand_X(gen, N, d)
     if ugly == "dead":

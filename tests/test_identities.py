@@ -1,4 +1,4 @@
-"""DESIGN.md section 6, items 1-6, through the ops (factor, accumulators, gptq_quantize) and
+"""docs/design.md §6, items 1-6, through the ops (factor, accumulators, gptq_quantize) and
 lrgptq.quantize_linear."""
 import math
 
@@ -78,7 +78,7 @@ def test_ql_route_same_codes_and_losses(gen, order, gs, static):
 @pytest.mark.parametrize("order", ["pivot", "identity"])
 @pytest.mark.parametrize("truncation,tau", [("rel", 1e-6), ("energy", 1e-12)])
 def test_truncated_svdqr_is_the_kept_pseudo_inverse(gen, order, truncation, tau):
-    """DESIGN 3: U = R' from QR of Sigma_k^-1 V_k^T[:, perm], so U^T U = (V_k Sigma_k^-2 V_k^T)[perm, perm]
+    """docs/design.md §3: U = R' from QR of Sigma_k^-1 V_k^T[:, perm], so U^T U = (V_k Sigma_k^-2 V_k^T)[perm, perm]
     exactly: U has no component along the dropped singular directions (those are what it must not push)."""
     d, N, k_true = 36, 90, 24
     s = torch.cat([torch.logspace(0, -2, k_true, dtype=F64), 1e-11 * torch.rand(d - k_true, generator=gen, dtype=F64)])
@@ -322,7 +322,7 @@ def test_float32_kappa_sweep(gen, kappa_):
     """X = A diag(s) B in float32. qr + svdqr: finite, and U H U^T = I on the kept subspace to ~u * kappa_kept
     (forming H would give u * kappa^2). Undamped float32 cholesky at kappa 1e8 (kappa(H) = 1e16) must
     report damping, or be far off. Quantization: better than rounding where float32 resolves X; with
-    truncation (kappa >= 1e6) only "no blow-up": a float64-pivoted transcription of DESIGN 3 reaches
+    truncation (kappa >= 1e6) only "no blow-up": a float64-pivoted transcription of docs/design.md §3 reaches
     up to ~13x the rounding error at kappa 1e8 on rare seeds (median ~1.1x)."""
     d, N = 32, 96
     X64, s = ill_X(gen, N, d, kappa_)

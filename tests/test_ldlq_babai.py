@@ -1,4 +1,4 @@
-"""Block LDLQ (vec_dim D), clipping counts, the noclip grid and Babai's bound (DESIGN §5, §6.5)."""
+"""Block LDLQ (vec_dim D), clipping counts, the noclip grid and Babai's bound (docs/design.md §5, §6.5)."""
 import pytest
 import torch
 

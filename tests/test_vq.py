@@ -76,7 +76,7 @@ def test_engine_matches_block_obs_reference(gen, dim):
 
 @pytest.mark.parametrize("dim,block", [(1, 8), (2, 6), (4, 128)])
 def test_loss_is_the_output_error(gen, dim, block):
-    # Σ_j ‖(t − q)·Ū⁻¹‖² = ‖(W − Q)Xᵀ‖²_F when undamped and full rank (DESIGN §6.3), codebooks fitted.
+    # Σ_j ‖(t − q)·Ū⁻¹‖² = ‖(W − Q)Xᵀ‖²_F when undamped and full rank (docs/design.md §6.3), codebooks fitted.
     W, X, perm, U = undamped(gen, 20, 24, "act")
     _, _, _, Q, row_loss, _ = vq_op(W, perm, U, dim=dim, bits=2, group_cols=12, group_rows=8, block_size=block)
     exact = ((W - Q) @ X.T).pow(2).sum()

@@ -1,4 +1,4 @@
-"""Accumulators: what is kept of a layer's calibration inputs X while they stream (DESIGN §2)."""
+"""Accumulators: what is kept of a layer's calibration inputs X while they stream (docs/design.md §2)."""
 
 from __future__ import annotations
 

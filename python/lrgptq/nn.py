@@ -1,6 +1,6 @@
 """QuantLinear: a linear layer held in the GPTQ checkpoint layout, run by a C++ kernel.
 
-Buffers, as the GPTQ readers name and shape them (DESIGN §9):
+Buffers, as the GPTQ readers name and shape them (docs/design.md §9):
 ``qweight`` int32 (ceil(in·bits/32), out), ``qzeros`` int32 (groups, ceil(out·bits/32)),
 ``scales`` (groups, out), ``g_idx`` int32 (in), ``bias`` (out) or None. The forward pass calls
 ``torch.ops.lrgptq.qmatmul``, which dequantizes tile by tile and never holds the float weight.

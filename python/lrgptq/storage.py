@@ -1,4 +1,4 @@
-"""Bits per weight of a quantization as its checkpoint stores it: the GPTQ layout (DESIGN §9) for
+"""Bits per weight of a quantization as its checkpoint stores it: the GPTQ layout (docs/design.md §9) for
 the scalar grid, the GPTVQ layout (docs/vq.md, counted by :func:`lrgptq.vq.bits_per_weight`) with
 ``vq_dim`` > 0."""
 

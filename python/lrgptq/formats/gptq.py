@@ -1,4 +1,4 @@
-"""The GPTQ checkpoint layout (DESIGN §9), as transformers/optimum, GPTQModel and vLLM read it.
+"""The GPTQ checkpoint layout (docs/design.md §9), as transformers/optimum, GPTQModel and vLLM read it.
 
 Per quantized linear ``<name>`` (the module path in the model's state dict):
 
