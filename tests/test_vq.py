@@ -9,21 +9,14 @@ import torch
 import lrgptq
 from lrgptq import vq
 
-from util import factor_op, gptq_op, make_perm, ops, problem, randn
-
-
-def vq_op(W, perm, U, *, dim=2, bits=2, group_cols=-1, group_rows=-1, em_iters=5, int8=True, codebooks=None,
-          block_size=128, from_original=False):
-    """torch.ops.lrgptq.vq_quantize -> (codes, codebooks, scales, Q, row_loss, em_trace)."""
-    return ops().vq_quantize(W, perm, U, from_original, dim, bits, group_cols, group_rows, em_iters, int8,
-                             codebooks, block_size)
+from util import factor, gptq, make_perm, ops, problem, randn, raw_ops, vq as vq_op
 
 
 def undamped(gen, d_out, d, order="identity"):
     W, X, H = problem(gen, d_out, d)
     perm = make_perm(order, H, gen)
     Hp = H[perm][:, perm]
-    _, U, _, _, _ = factor_op(Hp, "gram", "cholesky", "identity")
+    U = factor(Hp, "gram", "cholesky", "identity").U
     return W, X, perm, U
 
 
@@ -33,8 +26,8 @@ def test_1d_uniform_codebook_is_scalar_gptq(gen, order, group):
     # same loss, bit for bit in float64 (the same operations in the same order).
     W, _, perm, U = undamped(gen, 12, 32, order)
     bits, B = 3, 16 if group == -1 else group
-    codes, scales, zeros, _, Q, row_loss = gptq_op(W, perm, U, bits=bits, group_size=group, static_groups=True,
-                                                   block_size=B)
+    codes, scales, zeros, _, Q, row_loss, _, _ = gptq(W, perm, U, bits=bits, group_size=group, static_groups=True,
+                                                      block_size=B)
     levels = torch.arange(2**bits, dtype=torch.float64)
     grid = scales.T[:, :, None] * (levels - zeros.T[:, :, None])  # (d_out, groups, K)
     cb = grid.permute(1, 0, 2).unsqueeze(-1).contiguous()  # (column groups, row groups = rows, K, 1)
@@ -94,7 +87,7 @@ def test_em_never_increases_its_objective(gen):
 
 def test_em_beats_its_product_grid_start_on_the_layer_loss(gen):
     W, _, perm, U = undamped(gen, 32, 32)
-    loss = [float(vq_op(W, perm, U, dim=2, bits=2, group_cols=16, em_iters=it)[4].sum()) for it in (0, 10)]
+    loss = [float(vq_op(W, perm, U, dim=2, bits=2, group_cols=16, em_iters=it).row_loss.sum()) for it in (0, 10)]
     assert loss[1] < loss[0], loss
 
 
@@ -186,10 +179,11 @@ def test_pack_codes_round_trip(gen):
 
 
 def test_vq_matmul_has_a_meta_kernel():
+    # the raw op: its Meta kernel is under test
     m = torch.device("meta")
-    y = ops().vq_matmul(torch.empty(2, 3, 8, device=m), torch.empty(5, 4, dtype=torch.int32, device=m),
-                        torch.empty(1, 1, 16, 2, dtype=torch.int8, device=m), torch.empty(1, 1, device=m),
-                        torch.empty(8, dtype=torch.long, device=m), -1, -1, None)
+    y = raw_ops().vq_matmul(torch.empty(2, 3, 8, device=m), torch.empty(5, 4, dtype=torch.int32, device=m),
+                            torch.empty(1, 1, 16, 2, dtype=torch.int8, device=m), torch.empty(1, 1, device=m),
+                            torch.empty(8, dtype=torch.long, device=m), -1, -1, None)
     assert y.shape == (2, 3, 5) and y.device == m
 
 
