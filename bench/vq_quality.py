@@ -49,7 +49,7 @@ RATES = {
 
 def layer_shapes() -> list:
     """(d_out, d) of every linear that quantize_model quantizes in the demo model."""
-    from lrgptq.data import load_demo_model
+    from lrgptq.demo import load_demo_model
     from lrgptq.models import find_blocks, find_linears
 
     model, _ = load_demo_model()

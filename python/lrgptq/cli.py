@@ -150,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_demo  # the demo's data helpers load only here, never with the library
 
     run_demo(bits=args.bits, methods=args.methods, nsamples=args.nsamples, seqlen=args.seqlen,
              window=args.window, max_windows=args.max_windows)
