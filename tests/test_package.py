@@ -10,7 +10,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 def test_the_core_never_imports_the_demo():
     # Every module of the library, imported in a fresh interpreter: lrgptq.demo must stay out.
     core = ("accumulate", "calib", "capture", "checkpoint", "cli", "config", "distributed", "eval", "formats",
-            "linear", "models", "nn", "nn_vq", "ops", "pipeline", "storage", "streaming", "vq")
+            "limits", "linear", "models", "nn", "nn_vq", "ops", "pipeline", "storage", "streaming", "vq")
     code = ("import sys, importlib\n"
             f"for m in {core!r}: importlib.import_module('lrgptq.' + m)\n"
             "print(sorted(m for m in sys.modules if m.startswith('lrgptq.demo')))")

@@ -8,6 +8,7 @@ import torch
 
 import lrgptq
 from lrgptq import vq
+from lrgptq.storage import vq_layer_bits
 
 from util import factor, gptq, make_perm, ops, problem, randn, raw_ops, vq as vq_op
 
@@ -114,11 +115,11 @@ def test_vq_matmul_is_x_times_the_looked_up_weight(gen):
 
 
 def test_bits_per_weight_counts_everything():
-    b = vq.bits_per_weight(576, 576, 2, 2, 192, 12, ordered=False)
+    b = vq_layer_bits(576, 576, 2, 2, 192, 12, ordered=False)
     assert b["indices"] == 576 * 576 * 2
     assert b["codebooks"] == 3 * 48 * 16 * 2 * 8 and b["scales"] == 3 * 48 * 16 and b["perm"] == 0
     assert b["bpw"] == pytest.approx(2 + 272 / (192 * 12))
-    assert vq.bits_per_weight(10, 8, 4, 2, -1, -1, ordered=True)["perm"] == 8 * 16
+    assert vq_layer_bits(10, 8, 4, 2, -1, -1, ordered=True)["perm"] == 8 * 16
 
 
 def test_quantize_linear_vq_path_and_report(gen):
