@@ -6,7 +6,7 @@ d = 4096, batches of 2048 float32 tokens, float64 states (the default): gram (H 
 One measurement = a stream of `--stream` batches (default 4 = 8192 tokens = 2d) through
 Accumulator.add, then .state (which flushes what the qr accumulator buffers: it stacks rows until
 2d are pending and then does one QR). tokens/s = stream tokens / median stream time. One warm-up
-stream. The raw ops (torch.ops.lrgptq.*_update, one call per 2048-token batch, no buffering) are
+stream. The ops (lrgptq.ops.*_update, one call per 2048-token batch, no buffering) are
 timed per batch too, for reference.
 
     python bench/accumulate.py            # the table of docs/benchmarks.md
@@ -23,6 +23,7 @@ import torch
 import common
 
 import lrgptq
+from lrgptq import ops
 
 
 def main() -> None:
@@ -58,11 +59,12 @@ def main() -> None:
         t_stream = common.median(clean.times(stream, runs=runs, warmup=1))
         state = acc.state
         if kind == "gram":
-            op = lambda X: torch.ops.lrgptq.gram_update(state, X)  # noqa: E731
+            op = lambda X: ops.gram_update(state, X)  # noqa: E731
         elif kind == "qr":
-            op = lambda X: torch.ops.lrgptq.qr_update(state, X)  # noqa: E731
+            op = lambda X: ops.qr_update(state, X)  # noqa: E731
         else:
-            op = lambda X: torch.ops.lrgptq.sketch_update(state, X, 0, 0, kw["sketch_kind"], 8)  # noqa: E731
+            op = lambda X: ops.sketch_update(state, X, seed=0, offset=0, kind=kw["sketch_kind"],  # noqa: E731
+                                             zeta=8)
         t_op = common.median(clean.times(lambda: op(batches[0]), runs=runs, warmup=1))
         tok = ns * bs
         rows.append([name, f"{common.fmt_s(t_stream)}", f"{tok / t_stream:,.0f}", f"{tok / t_stream * 3600 / 1e6:.0f}",

@@ -20,7 +20,7 @@ import lrgptq
 from lrgptq.accumulate import Accumulator
 from lrgptq.calib import text_windows
 from lrgptq.capture import input_hooks
-from lrgptq.data import CALIB_BOOK, austen_books, load_demo_model
+from lrgptq.demo import CALIB_BOOK, austen_books, load_demo_model
 from lrgptq.models import find_blocks, find_linears, weight_matrix
 
 METHODS: Dict[str, dict] = {  # QuantConfig.for_method presets and overrides; gptq is the baseline

@@ -1,4 +1,4 @@
-"""CPU benchmark of the GPTQ engine (torch.ops.lrgptq.gptq_quantize) against a plain-PyTorch GPTQ.
+"""CPU benchmark of the GPTQ engine (lrgptq.ops.gptq_quantize) against a plain-PyTorch GPTQ.
 
 Per layer (d_out, d): float32 W, 4-bit, group size 128, asymmetric, block size B = 128, identity
 order, U from the cholesky route (damp 0.01) of a random SPD H. Both the engine and the baseline
@@ -24,7 +24,7 @@ import torch
 import common
 import gptq_baseline
 
-import lrgptq  # noqa: F401  (registers torch.ops.lrgptq)
+from lrgptq import ops
 
 BITS, GS, SYM, B = 4, 128, False, 128
 
@@ -33,8 +33,8 @@ def random_U(d: int, gen: torch.Generator) -> torch.Tensor:
     """U (d×d upper, float64) from the cholesky route of H = XᵀX, X: 2d tokens, uneven channel scales."""
     X = torch.randn(2 * d, d, generator=gen) * torch.exp(0.5 * torch.randn(d, generator=gen))
     H = (X.T @ X).double()
-    perm, U, k, dead, info = torch.ops.lrgptq.factor(H, "gram", "cholesky", "identity", 0.01, "mean", 8,
-                                                     "rel", 1e-4, torch.float64)
+    perm, U, k, *_ = ops.factor(H, source="gram", route="cholesky", order="identity", damp=0.01, damp_ref="mean",
+                                max_retries=8, truncation="rel", tau=1e-4, dtype=torch.float64)
     assert k == d and torch.equal(perm, torch.arange(d))
     return U
 
@@ -71,7 +71,8 @@ def lazy_sequence(d_out: int, d: int, U: torch.Tensor, runs: int, clean: common.
 
 
 def engine(W, perm, U):
-    return torch.ops.lrgptq.gptq_quantize(W, perm, U, False, BITS, GS, SYM, False, False, B)
+    return ops.gptq_quantize(W, perm, U, from_original=False, bits=BITS, group_size=GS, sym=SYM, mse=False,
+                             static_groups=False, block_size=B)
 
 
 def measure(d_out, d, W, U, runs, clean):

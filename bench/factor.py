@@ -1,4 +1,4 @@
-"""CPU benchmark of the factor routes (torch.ops.lrgptq.factor), float64 (the default factor dtype).
+"""CPU benchmark of the factor routes (lrgptq.ops.factor), float64 (the default factor dtype).
 
 Inputs per d: N = 2d float32 tokens with a decaying spectrum (X = G·diag(σ)·Oᵀ, σ_i = 1/(1+i),
 G Gaussian, O random orthogonal), streamed through the `qr` accumulator in batches of 2048 to get R;
@@ -23,7 +23,8 @@ import torch
 
 import common
 
-import lrgptq  # noqa: F401  (registers torch.ops.lrgptq)
+import lrgptq
+from lrgptq import ops
 
 F64 = torch.float64
 
@@ -40,7 +41,8 @@ def make_R(d: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def factor(A, source, route, order):
-    return torch.ops.lrgptq.factor(A, source, route, order, 0.01, "mean", 8, "rel", 1e-4, F64)
+    return ops.factor(A, source=source, route=route, order=order, damp=0.01, damp_ref="mean", max_retries=8,
+                      truncation="rel", tau=1e-4, dtype=F64)
 
 
 def chol_stages(H):

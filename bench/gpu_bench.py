@@ -30,9 +30,8 @@ import torch
 
 import gptq_baseline
 
-import lrgptq  # noqa: F401  (registers torch.ops.lrgptq)
+from lrgptq import ops as OPS
 
-OPS = torch.ops.lrgptq
 BITS, GS, B = 4, 128, 128
 
 
@@ -66,11 +65,13 @@ def random_state(d: int, gen: torch.Generator, need_R: bool = True):
 
 
 def factor(A: torch.Tensor, source: str, route: str, order: str = "pivot"):
-    return OPS.factor(A, source, route, order, 0.01, "mean", 8, "none", 0.0, torch.float64)
+    return OPS.factor(A, source=source, route=route, order=order, damp=0.01, damp_ref="mean", max_retries=8,
+                      truncation="none", tau=0.0, dtype=torch.float64)
 
 
 def engine_call(W, perm, U):
-    return lambda: OPS.gptq_quantize(W, perm, U, False, BITS, GS, False, False, False, B)
+    return lambda: OPS.gptq_quantize(W, perm, U, from_original=False, bits=BITS, group_size=GS, sym=False, mse=False,
+                                     static_groups=False, block_size=B)
 
 
 def lazy_flops(d_out: int, d: int) -> int:

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 
-import lrgptq  # noqa: F401  (registers torch.ops.lrgptq)
+from lrgptq import ops as OPS
 
-OPS = torch.ops.lrgptq
 
 
 def main() -> None:
@@ -21,14 +20,15 @@ def main() -> None:
         X = torch.randn(3 * d, d, generator=gen, dtype=torch.float64)
         H = X.T @ X
         for static, order in ((False, "identity"), (False, "act"), (True, "act")):
-            perm, U, k, dead, info = OPS.factor(H, "gram", "cholesky", order, 0.01, "mean", 8, "none", 0.0,
-                                                torch.float64)
+            perm, U, *_ = OPS.factor(H, source="gram", route="cholesky", order=order, damp=0.01, damp_ref="mean",
+                                     max_retries=8, truncation="none", tau=0.0, dtype=torch.float64)
             W = torch.randn(d_out, d, generator=gen, dtype=torch.float64)
             for dtype in (torch.float64, torch.float32):
                 for Uk, from_original in ((U, False), (U[: d // 2].contiguous(), True)):
-                    out = OPS.gptq_quantize(W.to(dev, dtype), perm.to(dev), Uk.to(dev, dtype), from_original, 3, 24,
-                                            False, False, static, B)
-                    assert all(torch.isfinite(t.float()).all() for t in out), "engine output not finite"
+                    out = OPS.gptq_quantize(W.to(dev, dtype), perm.to(dev), Uk.to(dev, dtype),
+                                            from_original=from_original, bits=3, group_size=24, sym=False, mse=False,
+                                            static_groups=static, block_size=B)
+                    assert all(torch.isfinite(t.float()).all() for t in out[:7]), "engine output not finite"
     for bits in (2, 3, 4, 8):
         d, d_out, gs = 640, 200, 64
         G = d // gs
@@ -43,8 +43,8 @@ def main() -> None:
             assert torch.isfinite(y).all(), "qmatmul output not finite"
     Y = torch.zeros(16, 48, dtype=torch.float64, device=dev)
     X = torch.randn(100, 48, generator=gen, dtype=torch.float64).to(dev)
-    OPS.sketch_update(Y, X, 1, 0, "sparse", 4)
-    OPS.sketch_update(Y, X, 1, 100, "gaussian", 0)
+    OPS.sketch_update(Y, X, seed=1, offset=0, kind="sparse", zeta=4)
+    OPS.sketch_update(Y, X, seed=1, offset=100, kind="gaussian", zeta=0)
     assert torch.isfinite(Y).all()
     torch.cuda.synchronize()
     print("gpu_sanitize: all kernels ran")

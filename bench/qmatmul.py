@@ -1,4 +1,4 @@
-"""CPU quantized matmul (torch.ops.lrgptq.qmatmul, GPTQ layout) vs float32 F.linear, and
+"""CPU quantized matmul (lrgptq.ops.qmatmul, GPTQ layout) vs float32 F.linear, and
 checkpoint sizes vs float16.
 
 Decode is memory bound: a layer's weights stream from DRAM once per token. To measure that and
@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import fmt_s, footer, header, median, table, time_it  # noqa: E402
 
 import lrgptq  # noqa: E402
+from lrgptq import ops  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096)]  # (out_features, in_features)
 BATCHES = [1, 16]
@@ -89,9 +90,9 @@ def matmul_rows(cold: int, runs: int, copy_gbs: float) -> List[list]:
         for M in BATCHES:
             x = torch.randn(M, d)
             t_f = per_call(lambda W: F.linear(x, W), Ws, runs)
-            t_q = per_call(lambda L: torch.ops.lrgptq.qmatmul(x, *L, BITS, 1, None), layers, runs)
+            t_q = per_call(lambda L: ops.qmatmul(x, *L, BITS, 1, None), layers, runs)
             t_fw = per_call(lambda W: F.linear(x, W), Ws[:1] * 8, runs)
-            t_qw = per_call(lambda L: torch.ops.lrgptq.qmatmul(x, *L, BITS, 1, None), layers[:1] * 8, runs)
+            t_qw = per_call(lambda L: ops.qmatmul(x, *L, BITS, 1, None), layers[:1] * 8, runs)
             gb_f, gb_q = w_bytes / t_f / 1e9, q_bytes / t_q / 1e9
             rows.append([
                 f"{d_out}x{d}", M,
@@ -135,7 +136,7 @@ def demo_section(nsamples: int, window: int, windows: int) -> Tuple[list, List[l
     """The demo model quantized (GPTQ, act-order), saved, loaded back with QuantLinear: size,
     perplexity in memory vs from the checkpoint, forward times."""
     from lrgptq.calib import text_windows
-    from lrgptq.data import CALIB_BOOK, EVAL_BOOK, austen_books, load_demo_model
+    from lrgptq.demo import CALIB_BOOK, EVAL_BOOK, austen_books, load_demo_model
 
     books = austen_books()
     model, tok = load_demo_model()

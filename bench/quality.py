@@ -35,7 +35,7 @@ METHODS = {
 RUN = r"""
 import json, sys, time, torch, lrgptq
 from lrgptq.calib import text_windows
-from lrgptq.data import CALIB_BOOK, EVAL_BOOK, austen_books, load_demo_model
+from lrgptq.demo import CALIB_BOOK, EVAL_BOOK, austen_books, load_demo_model
 a = json.loads(sys.argv[1])
 torch.manual_seed(0)
 books = austen_books()

@@ -39,7 +39,7 @@ if a["world"] > 1:
     comm = Distributed()
 if a["model"] == "smollm2":
     from lrgptq.calib import text_windows
-    from lrgptq.data import CALIB_BOOK, austen_books, cache_dir, load_demo_model
+    from lrgptq.demo import CALIB_BOOK, austen_books, cache_dir, load_demo_model
     src = os.path.join(cache_dir(), "smollm2-135m")
     if not os.path.isdir(src):
         load_demo_model()
@@ -82,7 +82,7 @@ def model_bytes(src: str) -> tuple:
 def resolve(model: str) -> str:
     if model != "smollm2":
         return model
-    from lrgptq.data import cache_dir
+    from lrgptq.demo import cache_dir
 
     return os.path.join(cache_dir(), "smollm2-135m")
 

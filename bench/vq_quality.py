@@ -5,7 +5,7 @@ Same protocol as bench/quality.py (its runner: a fresh subprocess per row, calib
 diag H, identity order), so the rows differ only in the quantizer. Bits per weight count
 everything stored: scalar = b + (16 + b)/g (a float16 scale and a b-bit zero per group and row;
 identity order needs no g_idx); VQ = indices + int8 codebooks + a float16 scale per codebook
-(lrgptq.vq.bits_per_weight), over all the quantized linears of the model.
+(lrgptq.storage.vq_layer_bits), over all the quantized linears of the model.
 
     python bench/vq_quality.py                 # the table of docs/benchmarks.md
     python bench/vq_quality.py --rates 2.125 --nsamples 4 --max-windows 8   # a smoke run
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import quality  # noqa: E402  (the runner and protocol of bench/quality.py)
 
-from lrgptq import vq  # noqa: E402
+from lrgptq.storage import vq_layer_bits  # noqa: E402
 
 # rate -> rows: (name, bits, settings, scalar group size or None)
 RATES = {
@@ -49,7 +49,7 @@ RATES = {
 
 def layer_shapes() -> list:
     """(d_out, d) of every linear that quantize_model quantizes in the demo model."""
-    from lrgptq.data import load_demo_model
+    from lrgptq.demo import load_demo_model
     from lrgptq.models import find_blocks, find_linears
 
     model, _ = load_demo_model()
@@ -60,7 +60,7 @@ def layer_shapes() -> list:
 def bpw(shapes: list, bits: int, cfg: dict, group_size: int) -> float:
     if "vq_dim" not in cfg:
         return sum(o * i * (bits + (16 + bits) / group_size) for o, i in shapes) / sum(o * i for o, i in shapes)
-    parts = [vq.bits_per_weight(o, i, cfg["vq_dim"], bits, cfg["vq_group_cols"], cfg["vq_group_rows"], False)
+    parts = [vq_layer_bits(o, i, cfg["vq_dim"], bits, cfg["vq_group_cols"], cfg["vq_group_rows"], False)
              for o, i in shapes]
     return sum(p["total"] for p in parts) / sum(p["weights"] for p in parts)
 

@@ -1,4 +1,4 @@
-// Accumulators (DESIGN §2): what we keep of the calibration inputs X while they stream.
+// Accumulators (docs/design.md §2): what we keep of the calibration inputs X while they stream.
 //   gram:   H += X_bᵀ X_b
 //   qr:     R <- R-factor of [R; X_b]            (RᵀR = H, never forms H)
 //   sketch: Y += S_b X_b                          (S_b from (seed, global token index))

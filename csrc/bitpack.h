@@ -1,4 +1,4 @@
-// The GPTQ bit-packing rule (DESIGN §9), shared by the packing ops and the quantized matmul.
+// The GPTQ bit-packing rule (docs/design.md §9), shared by the packing ops and the quantized matmul.
 //
 // n values of `bits` bits each are laid out as one little-endian bit stream cut into int32
 // words: value i occupies stream bits [i·bits, (i+1)·bits), word w holds stream bits

@@ -8,7 +8,7 @@
 
 namespace lrgptq {
 
-// Everything the GPTQ engine (DESIGN §4) reads and writes; all tensors on one CUDA device,
+// Everything the GPTQ engine (docs/design.md §4) reads and writes; all tensors on one CUDA device,
 // in the compute dtype (float32/float64) unless said otherwise. Column order: perm order.
 struct EngineTensors {
   at::Tensor Tw;        // (d_out, d) targets, updated in place

@@ -1,4 +1,4 @@
-// The two steps every error-feedback engine shares (DESIGN §4): rows through a block in tiles
+// The two steps every error-feedback engine shares (docs/design.md §4): rows through a block in tiles
 // that stay in L1, split across threads, and the lazy batch update after the block.
 // Used by the scalar engine (csrc/gptq.cpp) and the vector one (csrc/vq.cpp).
 #pragma once

@@ -1,4 +1,4 @@
-// Factor routes (DESIGN §3): from an accumulator's state to a column order `perm`
+// Factor routes (docs/design.md §3): from an accumulator's state to a column order `perm`
 // and an engine-ready upper-triangular factor U (k x d, in perm order).
 //   cholesky: H_λ = H + λI, U = chol_upper(chol_inverse(chol(H_λ)))   (GPTQ as published)
 //   svdqr:    A = U_A Σ Vᵀ, optionally σ̃² = σ² + λ (H + λI without forming H), keep k,
@@ -232,7 +232,7 @@ FactorOut factor_svdqr(const at::Tensor& A, Source src, c10::string_view order, 
   int64_t pivots = d;
   if (order == "pivot" || k < d) {
     // The first k pivots of B are the columns that carry the kept subspace. For other orders the
-    // kept columns go first in that order and the columns past rank after them (DESIGN §3.4).
+    // kept columns go first in that order and the columns past rank after them (docs/design.md §3.4).
     const at::Tensor B64 = B.to(at::kDouble);  // the Gram squares κ: form it in float64 whatever the dtype
     auto [piv, taken] = pivoted_order(at::matmul(B64.t(), B64), k, d * std::numeric_limits<double>::epsilon());
     pivots = taken;

@@ -1,4 +1,4 @@
-// The GPTQ engine (DESIGN §4). In perm order, with targets T (initially W[:, perm]):
+// The GPTQ engine (docs/design.md §4). In perm order, with targets T (initially W[:, perm]):
 //   q_j = quant(T_j);  e_j = (base_j − Q_j)/U_jj  (base = T_j, or the original w_j for the ql form)
 //   T_l −= e_j · U_jl  for l > j inside the block;   T[:, i2:] −= E_block · U[i1:i2, i2:] (one GEMM)
 //   loss += (T_j − Q_j)² / U_jj².   Columns j >= k (past rank) are rounded with no feedback.
@@ -12,7 +12,7 @@
 // grid "noclip": pass 1 as "minmax", recording each (group, row)'s range of targets; each later pass
 // fixes the smallest grids with |t − q| ≤ δ/2 on the union of the ranges seen so far (widened where
 // still clipped), and reruns, until a pass clips nothing (or max_passes): the condition of Babai's
-// bound (DESIGN §6.5).
+// bound (docs/design.md §6.5).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

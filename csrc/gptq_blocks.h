@@ -1,4 +1,4 @@
-// How the GPTQ engine cuts the columns into blocks (DESIGN §4), shared by the CPU and CUDA engines.
+// How the GPTQ engine cuts the columns into blocks (docs/design.md §4), shared by the CPU and CUDA engines.
 #pragma once
 #include <algorithm>
 #include <cstdint>

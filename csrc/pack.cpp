@@ -1,4 +1,4 @@
-// Packing ops for the GPTQ checkpoint layout (DESIGN §9, rule in bitpack.h).
+// Packing ops for the GPTQ checkpoint layout (docs/design.md §9, rule in bitpack.h).
 //   pack_bits(values, bits, dim):      integer values in 0..2^bits−1 -> int32 words along `dim`
 //   unpack_bits(packed, bits, dim, n): the inverse, n values along `dim`, as uint8
 // qweight packs the codes transposed to (d, d_out) along dim 0 (the input dimension);

@@ -1,5 +1,5 @@
 // Quantized matmul on the CPU: y = x · dequant(qweight)ᵀ + bias for a GPTQ-layout layer
-// (DESIGN §9), without materialising the float weight.
+// (docs/design.md §9), without materialising the float weight.
 //
 //   w[n, i] = scales[g, n] · (q[i, n] − z[g, n]),  g = g_idx[i]
 //   q[i, n]: value i of column n's bit stream in qweight (bitpack.h);

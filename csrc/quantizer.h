@@ -1,4 +1,4 @@
-// The uniform grid of GPTQ's quantizer (DESIGN §4): per row and group,
+// The uniform grid of GPTQ's quantizer (docs/design.md §4): per row and group,
 //   scale = (xmax − xmin)/maxq, zero = round(−xmin/scale) (sym: 2^(bits−1)),
 //   q = clamp(round(x/scale) + zero, 0, maxq), dequant = scale·(q − zero).
 // Rounding is half-to-even (nearbyint in the default mode), as torch.round.

@@ -1,4 +1,4 @@
-// VQ inference on the CPU: y = x · Wᵀ + bias for a GPTVQ layer (DESIGN §5), never holding the
+// VQ inference on the CPU: y = x · Wᵀ + bias for a GPTVQ layer (docs/design.md §5), never holding the
 // whole float weight. In perm order, vector v of row n (columns perm[v·D .. v·D + D)) is
 //   W[n, perm[v·D + a]] = s[cg, rg] · C8[cg, rg, codes[n, v], a],   cg = v·D / gc,  rg = n / gr:
 // a codebook lookup. Strips of output rows are dequantized into float32 (exact: s is a float16

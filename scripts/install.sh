@@ -15,5 +15,5 @@ if [ "$what" = demo ]; then
   if ! apt-cache show r-cran-janeaustenr >/dev/null 2>&1; then
     ${SUDO:-} apt-get update -qq
   fi
-  python -c "import lrgptq.data as d; d.austen_books(); d.load_demo_model()" 2>&1 | grep -v -e '^Loading' -e 'GGUF tensors' || true
+  python -c "import lrgptq.demo as d; d.austen_books(); d.load_demo_model()" 2>&1 | grep -v -e '^Loading' -e 'GGUF tensors' || true
 fi

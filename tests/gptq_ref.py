@@ -1,4 +1,4 @@
-"""The GPTQ layout in plain Python integers, written from the format's description (DESIGN §9 and
+"""The GPTQ layout in plain Python integers, written from the format's description (docs/design.md §9 and
 the readers' documentation), not from lrgptq's packer:
 
 - a column of n values of b bits is one little-endian bit stream: value i occupies stream bits

@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of the lrgptq engine: the spec in code.
 
 Transcribes the "Engine semantics" and "Quantizer" sections of the engine API contract
-(DESIGN.md section 4). Slow, simple, dtype-following (use float64 for exact comparisons).
+(docs/design.md §4). Slow, simple, dtype-following (use float64 for exact comparisons).
 No import of lrgptq here: this file must stay usable before and without the C++ ops.
 
     gptq(W, perm, U, ...)      blocked lazy-update GPTQ (like IST-DASLab gptq.py `fasterquant`)

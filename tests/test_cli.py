@@ -48,6 +48,25 @@ def test_help_explains_every_option(capsys):
         assert option in out
 
 
+def test_options_are_built_from_quantconfig_fields(capsys):
+    """Every QuantConfig field is an option with its help text; an option not given takes QuantConfig's
+    default (or the preset's), and one given reaches the config."""
+    from dataclasses import fields
+
+    with pytest.raises(SystemExit):
+        cli.main(["quantize", "--help"])
+    out = capsys.readouterr().out
+    for f in fields(lrgptq.QuantConfig):
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    parse = cli.build_parser().parse_args
+    assert cli._config(parse(["quantize", "m", "--calib", "c"])) == lrgptq.QuantConfig.for_method("lrgptq")
+    cfg = cli._config(parse(["quantize", "m", "--calib", "c", "--method", "gptq", "--bits", "3", "--sym",
+                             "--damp", "0.05", "--order", "act", "--no-vq-codebook-int8", "--factor-dtype", "float32",
+                             "--sketch-size", "64"]))
+    assert cfg == lrgptq.QuantConfig.for_method("gptq", bits=3, sym=True, damp=0.05, order="act",
+                                                vq_codebook_int8=False, factor_dtype=torch.float32, sketch_size=64)
+
+
 def test_quantize_saves_a_checkpoint_that_loads(tmp_path, calib_text, capsys):
     text = calib_text
     out_dir = tmp_path / "ckpt"

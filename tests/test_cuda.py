@@ -19,9 +19,9 @@ element that a kernel forgets to write shows up as NaN or a wrong code.
 import pytest
 import torch
 
-import lrgptq  # noqa: F401  (registers torch.ops.lrgptq)
 import reference as ref
-from util import gptq_op, make_perm, problem, rand_X, randn
+from lrgptq import ops
+from util import gptq, make_perm, problem, rand_X, randn, raw_ops
 
 pytestmark = [
     pytest.mark.cuda,
@@ -52,12 +52,17 @@ def test_every_op_has_a_cuda_kernel():
     assert not missing, f"no CUDA kernel registered for {missing}: was the extension built with LRGPTQ_CUDA?"
 
 
+def to_cpu(out):
+    """A named op result with every tensor moved to the CPU."""
+    return type(out)(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in out))
+
+
 def run_both(W, perm, U, **q):
-    cpu = gptq_op(W, perm, U, **q)
+    cpu = gptq(W, perm, U, **q)
     poison_cache()
-    gpu = gptq_op(*cuda(W, perm, U), **q)
+    gpu = gptq(*cuda(W, perm, U), **q)
     torch.cuda.synchronize()
-    return cpu, [t.cpu() for t in gpu]
+    return cpu[:6], to_cpu(gpu)[:6]
 
 
 def assert_identical(cpu, gpu, seed):
@@ -120,23 +125,23 @@ def test_engine_ex_counts_clipping_as_the_cpu(gen, bits):
     W[:, :5] *= 4  # outlier columns: the feedback pushes targets past the min-max grid
     perm = make_perm("act", H, gen)
     U = ref.cholesky_U(H, perm)
-    args = (False, bits, 32, False, False, False, 100, 1, "minmax", 1)
-    cpu = torch.ops.lrgptq.gptq_quantize_ex(W, perm, U, *args)
+    q = dict(bits=bits, group_size=32, block_size=100, ldlq_dim=1, grid="minmax", grid_passes=1)
+    cpu = gptq(W, perm, U, **q)
     poison_cache()
-    gpu = [t.cpu() for t in torch.ops.lrgptq.gptq_quantize_ex(*cuda(W, perm, U), *args)]
+    gpu = to_cpu(gptq(*cuda(W, perm, U), **q))
     assert_identical(cpu[:6], gpu[:6], gen.initial_seed())
-    assert int(cpu[6].sum()) > 0, "the problem was meant to clip"
-    assert torch.equal(cpu[6], gpu[6]), f"clip counts differ (seed {gen.initial_seed()})"
-    assert int(gpu[7][0]) == 1
+    assert int(cpu.row_clipped.sum()) > 0, "the problem was meant to clip"
+    assert torch.equal(cpu.row_clipped, gpu.row_clipped), f"clip counts differ (seed {gen.initial_seed()})"
+    assert gpu.grid_passes == 1
 
 
-@pytest.mark.parametrize("vec_dim,grid", [(2, "minmax"), (1, "noclip")])
-def test_engine_ex_cpu_only_options_raise(gen, vec_dim, grid):
+@pytest.mark.parametrize("ldlq_dim,grid", [(2, "minmax"), (1, "noclip")])
+def test_engine_ex_cpu_only_options_raise(gen, ldlq_dim, grid):
     W, X, H = problem(gen, 8, 32)
     perm = torch.arange(32)
     U = ref.cholesky_U(H, perm)
     with pytest.raises(RuntimeError, match="CPU only"):
-        torch.ops.lrgptq.gptq_quantize_ex(*cuda(W, perm, U), False, 4, 16, False, False, False, 32, vec_dim, grid, 4)
+        gptq(*cuda(W, perm, U), bits=4, group_size=16, block_size=32, ldlq_dim=ldlq_dim, grid=grid)
 
 
 def test_engine_float32_close(gen):
@@ -161,7 +166,7 @@ def test_engine_mse_close(gen):
 @pytest.mark.parametrize("ugly", ["dead", "outlier", "collinear", "few_tokens"])
 @pytest.mark.parametrize("route", ["cholesky", "svdqr", "ql"])
 def test_quantize_linear_ugly_inputs(gen, ugly, route):
-    """DESIGN §6's ugly cases through quantize_linear with the weight on CUDA vs on the CPU."""
+    """docs/design.md §6's ugly cases through quantize_linear with the weight on CUDA vs on the CPU."""
     d, N = 64, 256
     X = rand_X(gen, N, d)
     if ugly == "dead":
@@ -189,7 +194,6 @@ def test_quantize_linear_ugly_inputs(gen, ugly, route):
 
 
 def test_accumulators_match_cpu(gen):
-    ops = torch.ops.lrgptq
     d, m = 48, 40  # tiles of 32: partial column, row and token tiles
     X = [rand_X(gen, n, d) for n in (30, 1, 77)]
     states = {
@@ -204,8 +208,8 @@ def test_accumulators_match_cpu(gen):
         for S, Xs in ((states, Xb), (gpu, Xb.cuda())):
             ops.gram_update(S["gram"], Xs)
             ops.qr_update(S["qr"], Xs)
-            ops.sketch_update(S["sparse"], Xs, 7, offset, "sparse", 4)
-            ops.sketch_update(S["gaussian"], Xs, 7, offset, "gaussian", 0)
+            ops.sketch_update(S["sparse"], Xs, seed=7, offset=offset, kind="sparse", zeta=4)
+            ops.sketch_update(S["gaussian"], Xs, seed=7, offset=offset, kind="gaussian", zeta=0)
         offset += Xb.shape[0]
     for k in states:
         a, b = states[k], gpu[k].cpu()
@@ -219,9 +223,10 @@ def test_factor_matches_cpu(gen, route, source, order):
     1e-9 of its largest entry (H is well conditioned here: κ(H) ~ 1e2)."""
     W, X, H = problem(gen, 4, 40)
     A = {"gram": H, "qr": ref.qr_R(X), "sketch": X[:60].contiguous()}[source]
+    # The raw op: the devices of all its outputs, info included, are under test (ops.factor reads info).
     args = (source, route, order, 0.01, "mean", 8, "rel", 1e-4, F64)
-    cpu = torch.ops.lrgptq.factor(A, *args)
-    gpu = torch.ops.lrgptq.factor(A.cuda(), *args)
+    cpu = raw_ops().factor(A, *args)
+    gpu = raw_ops().factor(A.cuda(), *args)
     perm, U, rank, dead, info = cpu
     assert all(t.is_cuda for t in (gpu[0], gpu[1], gpu[3], gpu[4]))
     assert torch.equal(gpu[0].cpu(), perm) and gpu[2] == rank and torch.equal(gpu[3].cpu(), dead)
@@ -231,7 +236,6 @@ def test_factor_matches_cpu(gen, route, source, order):
 
 def make_layer(gen, d, d_out, bits, group_size, act_order):
     """A random GPTQ-layout layer (v1 zero points) as its packed tensors."""
-    ops = torch.ops.lrgptq
     G = (d + group_size - 1) // group_size
     codes = torch.randint(0, 2**bits, (d_out, d), generator=gen, dtype=torch.uint8)
     zeros = torch.randint(1, 2**bits, (G, d_out), generator=gen, dtype=torch.uint8)
@@ -257,7 +261,7 @@ def test_qmatmul_matches_reference(gen, bits, rows, act_order):
     bias = randn(gen, d_out).half()
     y_ref = x @ W.t() + bias.double()
     poison_cache()
-    y = torch.ops.lrgptq.qmatmul(*cuda(x.float(), qweight, qzeros, scales, g_idx), bits, 1, bias.cuda())
+    y = ops.qmatmul(*cuda(x.float(), qweight, qzeros, scales, g_idx), bits, 1, bias.cuda())
     assert y.is_cuda and y.dtype == torch.float32 and y.shape == (rows, d_out)
     err = (y.double().cpu() - y_ref).norm() / y_ref.norm()
     assert err < (1e-5 if rows <= 8 else 3e-3), f"relative error {err:.2e} (seed {gen.initial_seed()})"
@@ -266,7 +270,7 @@ def test_qmatmul_matches_reference(gen, bits, rows, act_order):
 def test_qmatmul_batch_shape_and_dtype(gen):
     qweight, qzeros, scales, g_idx, W = make_layer(gen, 128, 64, 4, 32, False)
     x = randn(gen, 2, 3, 128).half()
-    y = torch.ops.lrgptq.qmatmul(*cuda(x, qweight, qzeros, scales, g_idx), 4, 1, None)
+    y = ops.qmatmul(*cuda(x, qweight, qzeros, scales, g_idx), 4, 1, None)
     assert y.shape == (2, 3, 64) and y.dtype == torch.float16
     y_ref = x.double() @ W.t()
     assert (y.double().cpu() - y_ref).norm() / y_ref.norm() < 1e-3
@@ -276,7 +280,7 @@ def test_mixed_devices_raise_clear_errors(gen):
     W, X, H = problem(gen, 8, 16)
     U = ref.cholesky_U(H, torch.arange(16))
     with pytest.raises(RuntimeError, match="one device"):
-        gptq_op(W.cuda(), torch.arange(16), U)
+        gptq(W.cuda(), torch.arange(16), U)
     qweight, qzeros, scales, g_idx, _ = make_layer(gen, 64, 32, 4, 32, False)
     with pytest.raises(RuntimeError, match="one device"):
-        torch.ops.lrgptq.qmatmul(torch.ones(1, 64, device="cuda"), qweight, qzeros, scales, g_idx, 4, 1, None)
+        ops.qmatmul(torch.ones(1, 64, device="cuda"), qweight, qzeros, scales, g_idx, 4, 1, None)

@@ -72,6 +72,7 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns two processes
 def test_two_gloo_processes_match_one_process(tmp_path, gen):
     import torch.multiprocessing as mp
 

@@ -1,10 +1,9 @@
-"""torch.ops.lrgptq.gptq_quantize against the reference transcription of the engine spec."""
+"""The GPTQ engine (lrgptq.ops.gptq_quantize) against the reference transcription of the engine spec."""
 import pytest
 import torch
 
-import lrgptq  # noqa: F401  (registers torch.ops.lrgptq)
 import reference as ref
-from util import gptq_op, make_perm, problem, randn
+from util import gptq, make_perm, problem, randn
 
 F64 = torch.float64
 
@@ -12,7 +11,8 @@ F64 = torch.float64
 def assert_same(out, exp, seed):
     """Codes and g_idx bit for bit; scales, zeros, Q to 1e-12 relative; row_loss to 1e-10."""
     names = ("codes", "scales", "zeros", "g_idx", "Q", "row_loss")
-    assert len(out) == 6
+    assert out._fields[:6] == names
+    out = tuple(getattr(out, name) for name in names)
     for name, a, b in zip(names, out, exp):
         assert a.dtype == b.dtype, (name, a.dtype, b.dtype)
         assert a.shape == b.shape, (name, a.shape, b.shape)
@@ -33,7 +33,7 @@ def test_quantizer_settings(gen, bits, group_size, sym, mse):
     perm = make_perm("act", H, gen)
     U = ref.cholesky_U(H, perm)
     q = dict(bits=bits, group_size=group_size, sym=sym, mse=mse, block_size=40)  # groups straddle blocks
-    assert_same(gptq_op(W, perm, U, **q), ref.gptq(W, perm, U, **q), gen.initial_seed())
+    assert_same(gptq(W, perm, U, **q), ref.gptq(W, perm, U, **q), gen.initial_seed())
 
 
 @pytest.mark.parametrize("perm_kind", ["identity", "act", "random"])
@@ -47,7 +47,7 @@ def test_orders_rank_blocks(gen, perm_kind, static_groups, from_original, k, blo
     U = ref.cholesky_U(H, perm)[:k].contiguous()
     q = dict(bits=4, group_size=32, sym=False, mse=False, static_groups=static_groups,
              from_original=from_original, block_size=block_size)
-    assert_same(gptq_op(W, perm, U, **q), ref.gptq(W, perm, U, **q), gen.initial_seed())
+    assert_same(gptq(W, perm, U, **q), ref.gptq(W, perm, U, **q), gen.initial_seed())
 
 
 @pytest.mark.parametrize("d_out,d,group_size,block_size", [
@@ -68,7 +68,7 @@ def test_ugly_shapes(gen, d_out, d, group_size, block_size, perm_kind):
     perm = make_perm(perm_kind, H, gen)
     U = ref.cholesky_U(H, perm)
     q = dict(bits=3, group_size=group_size, sym=False, mse=True, block_size=block_size)
-    assert_same(gptq_op(W, perm, U, **q), ref.gptq(W, perm, U, **q), gen.initial_seed())
+    assert_same(gptq(W, perm, U, **q), ref.gptq(W, perm, U, **q), gen.initial_seed())
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -81,13 +81,13 @@ def test_float32_close_to_reference(gen, bits):
     U64 = ref.cholesky_U(H, perm)
     W32, U32 = W.float(), U64.float()
     q = dict(bits=bits, group_size=32, sym=False, mse=False, block_size=32)
-    out = gptq_op(W32, perm, U32, **q)
+    out = gptq(W32, perm, U32, **q)
     exp = ref.gptq(W32, perm, U32, **q)
-    assert out[1].dtype == torch.float32 and out[4].dtype == torch.float32 and out[5].dtype == torch.float32
-    agree = (out[0] == exp[0]).double().mean().item()
+    assert out.scales.dtype == torch.float32 and out.Q.dtype == torch.float32 and out.row_loss.dtype == torch.float32
+    agree = (out.codes == exp[0]).double().mean().item()
     assert agree >= 0.999, f"codes agree {agree:.5f} (seed {gen.initial_seed()})"
     exp64 = ref.gptq(W, perm, U64, **q)
-    rel = (out[5].double().sum() - exp64[5].sum()).abs() / exp64[5].sum()
+    rel = (out.row_loss.double().sum() - exp64[5].sum()).abs() / exp64[5].sum()
     assert rel < 1e-2
 
 
@@ -99,12 +99,12 @@ def test_rtn_is_zero_row_U(gen, bits, group_size, sym, mse):
     q = dict(bits=bits, group_size=group_size, sym=sym, mse=mse)
     U0 = torch.empty(0, 96, dtype=F64)
     for perm, static in ((torch.arange(96), False), (torch.randperm(96, generator=gen), True)):
-        out = gptq_op(W, perm, U0, static_groups=static, **q)
-        assert torch.equal(out[0], codes)
-        torch.testing.assert_close(out[1], scales, rtol=1e-15, atol=0)
-        torch.testing.assert_close(out[2], zeros, rtol=0, atol=0)
-        torch.testing.assert_close(out[4], Q, rtol=1e-15, atol=1e-15)
-        assert torch.all(out[5] == 0)
+        out = gptq(W, perm, U0, static_groups=static, **q)
+        assert torch.equal(out.codes, codes)
+        torch.testing.assert_close(out.scales, scales, rtol=1e-15, atol=0)
+        torch.testing.assert_close(out.zeros, zeros, rtol=0, atol=0)
+        torch.testing.assert_close(out.Q, Q, rtol=1e-15, atol=1e-15)
+        assert torch.all(out.row_loss == 0)
 
 
 def test_outputs_are_consistent(gen):
@@ -112,7 +112,7 @@ def test_outputs_are_consistent(gen):
     W, X, H = problem(gen, 10, 64)
     perm = torch.randperm(64, generator=gen)
     U = ref.cholesky_U(H, perm)
-    codes, scales, zeros, g_idx, Q, loss = gptq_op(W, perm, U, bits=3, group_size=16, mse=True)
+    codes, scales, zeros, g_idx, Q, loss, _, _ = gptq(W, perm, U, bits=3, group_size=16, mse=True)
     gi = g_idx.long()
     deq = scales[gi].T * (codes.to(F64) - zeros[gi].T)
     torch.testing.assert_close(Q, deq, rtol=1e-14, atol=1e-14)
@@ -131,7 +131,7 @@ def test_nonfinite_W_names_W(gen, bad, dtype):
     W, X, H = problem(gen, 4, 32)
     W[2, 7] = bad
     with pytest.raises(ERR, match=r"\bW\b"):
-        gptq_op(W.to(dtype), torch.arange(32), ref.cholesky_U(H).to(dtype), bits=4)
+        gptq(W.to(dtype), torch.arange(32), ref.cholesky_U(H).to(dtype), bits=4)
 
 
 def _bad_calls(d):
@@ -161,4 +161,4 @@ def _bad_calls(d):
 def test_bad_arguments_raise(case):
     W, perm, U, kw = _bad_calls(96)[case]
     with pytest.raises(ERR):
-        gptq_op(W, perm, U, **kw)
+        gptq(W, perm, U, **kw)

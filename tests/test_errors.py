@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lrgptq
-from util import ops, rand_X, randn
+from util import ops, rand_X, randn, raw_ops
 
 ERR = (RuntimeError, ValueError, TypeError)
 
@@ -67,7 +67,7 @@ def test_nonfinite_X_names_X(gen, kind, bad):
         elif kind == "qr":
             ops().qr_update(state, X)
         else:
-            ops().sketch_update(state, X, 0, 0, "sparse", 4)
+            ops().sketch_update(state, X, seed=0, offset=0, kind="sparse", zeta=4)
 
 
 @pytest.mark.parametrize("kind", ["gram", "qr", "sketch"])
@@ -81,7 +81,7 @@ def test_integer_X_is_an_error(kind):
         elif kind == "qr":
             ops().qr_update(torch.zeros(8, 8, dtype=torch.float64), X)
         else:
-            ops().sketch_update(torch.zeros(6, 8, dtype=torch.float64), X, 0, 0, "sparse", 4)
+            ops().sketch_update(torch.zeros(6, 8, dtype=torch.float64), X, seed=0, offset=0, kind="sparse", zeta=4)
 
 
 def test_wrong_d_is_an_error(gen):
@@ -96,22 +96,23 @@ def test_wrong_d_is_an_error(gen):
 
 
 def test_factor_bad_strings_are_errors(gen):
+    # The raw op's own checks of its string arguments (by position): ops.factor passes them through.
     X = rand_X(gen, 30, 8)
     H, R = X.T @ X, torch.linalg.qr(X, mode="r").R.abs().triu()  # any upper R will do here
     chol = [H, "gram", "cholesky", "identity", 0.01, "mean", 8, "none", 0.0, torch.float64]
     svd = [R, "qr", "svdqr", "identity", 0.0, "mean", 8, "rel", 1e-4, torch.float64]
-    ops().factor(*chol)  # sanity: the good calls work
-    ops().factor(*svd)
+    raw_ops().factor(*chol)  # sanity: the good calls work
+    raw_ops().factor(*svd)
     for good, i, v in ((chol, 1, "hessian"), (chol, 2, "lu"), (chol, 3, "random"), (chol, 5, "max"),
                        (svd, 7, "soft"), (svd, 3, "random")):
         args = list(good)
         args[i] = v
         with pytest.raises(ERR):
-            ops().factor(*args)
+            raw_ops().factor(*args)
     with pytest.raises(ERR):
-        ops().factor(H[:, :7].contiguous(), *chol[1:])
+        raw_ops().factor(H[:, :7].contiguous(), *chol[1:])
     with pytest.raises(ERR):
-        ops().factor(H.to(torch.int64), *chol[1:])
+        raw_ops().factor(H.to(torch.int64), *chol[1:])
 
 
 NAME = "model.layers.3.mlp.down_proj"

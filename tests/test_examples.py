@@ -9,6 +9,7 @@ import pytest
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 
 
+@pytest.mark.slow  # each script runs in its own interpreter, a minute on two cores
 @pytest.mark.parametrize("script", ["quantize_layer.py", "from_your_script.py"])
 def test_example_runs(script: str) -> None:
     if script == "from_your_script.py":

@@ -172,6 +172,7 @@ def run_streamed(script: Path, src: Path, out: Path, warm: Path, kill: int) -> t
     return proc.returncode, growth[0]
 
 
+@pytest.mark.slow  # minutes, and its resident-size cap is sensitive to a busy machine
 def test_killed_streamed_run_resumes_to_the_same_checkpoint_under_a_memory_cap(tmp_path):
     import transformers
 

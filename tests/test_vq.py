@@ -8,22 +8,16 @@ import torch
 
 import lrgptq
 from lrgptq import vq
+from lrgptq.storage import vq_layer_bits
 
-from util import factor_op, gptq_op, make_perm, ops, problem, randn
-
-
-def vq_op(W, perm, U, *, dim=2, bits=2, group_cols=-1, group_rows=-1, em_iters=5, int8=True, codebooks=None,
-          block_size=128, from_original=False):
-    """torch.ops.lrgptq.vq_quantize -> (codes, codebooks, scales, Q, row_loss, em_trace)."""
-    return ops().vq_quantize(W, perm, U, from_original, dim, bits, group_cols, group_rows, em_iters, int8,
-                             codebooks, block_size)
+from util import factor, gptq, make_perm, ops, problem, randn, raw_ops, vq as vq_op
 
 
 def undamped(gen, d_out, d, order="identity"):
     W, X, H = problem(gen, d_out, d)
     perm = make_perm(order, H, gen)
     Hp = H[perm][:, perm]
-    _, U, _, _, _ = factor_op(Hp, "gram", "cholesky", "identity")
+    U = factor(Hp, "gram", "cholesky", "identity").U
     return W, X, perm, U
 
 
@@ -33,8 +27,8 @@ def test_1d_uniform_codebook_is_scalar_gptq(gen, order, group):
     # same loss, bit for bit in float64 (the same operations in the same order).
     W, _, perm, U = undamped(gen, 12, 32, order)
     bits, B = 3, 16 if group == -1 else group
-    codes, scales, zeros, _, Q, row_loss = gptq_op(W, perm, U, bits=bits, group_size=group, static_groups=True,
-                                                   block_size=B)
+    codes, scales, zeros, _, Q, row_loss, _, _ = gptq(W, perm, U, bits=bits, group_size=group, static_groups=True,
+                                                      block_size=B)
     levels = torch.arange(2**bits, dtype=torch.float64)
     grid = scales.T[:, :, None] * (levels - zeros.T[:, :, None])  # (d_out, groups, K)
     cb = grid.permute(1, 0, 2).unsqueeze(-1).contiguous()  # (column groups, row groups = rows, K, 1)
@@ -76,7 +70,7 @@ def test_engine_matches_block_obs_reference(gen, dim):
 
 @pytest.mark.parametrize("dim,block", [(1, 8), (2, 6), (4, 128)])
 def test_loss_is_the_output_error(gen, dim, block):
-    # Σ_j ‖(t − q)·Ū⁻¹‖² = ‖(W − Q)Xᵀ‖²_F when undamped and full rank (DESIGN §6.3), codebooks fitted.
+    # Σ_j ‖(t − q)·Ū⁻¹‖² = ‖(W − Q)Xᵀ‖²_F when undamped and full rank (docs/design.md §6.3), codebooks fitted.
     W, X, perm, U = undamped(gen, 20, 24, "act")
     _, _, _, Q, row_loss, _ = vq_op(W, perm, U, dim=dim, bits=2, group_cols=12, group_rows=8, block_size=block)
     exact = ((W - Q) @ X.T).pow(2).sum()
@@ -94,7 +88,7 @@ def test_em_never_increases_its_objective(gen):
 
 def test_em_beats_its_product_grid_start_on_the_layer_loss(gen):
     W, _, perm, U = undamped(gen, 32, 32)
-    loss = [float(vq_op(W, perm, U, dim=2, bits=2, group_cols=16, em_iters=it)[4].sum()) for it in (0, 10)]
+    loss = [float(vq_op(W, perm, U, dim=2, bits=2, group_cols=16, em_iters=it).row_loss.sum()) for it in (0, 10)]
     assert loss[1] < loss[0], loss
 
 
@@ -121,11 +115,11 @@ def test_vq_matmul_is_x_times_the_looked_up_weight(gen):
 
 
 def test_bits_per_weight_counts_everything():
-    b = vq.bits_per_weight(576, 576, 2, 2, 192, 12, ordered=False)
+    b = vq_layer_bits(576, 576, 2, 2, 192, 12, ordered=False)
     assert b["indices"] == 576 * 576 * 2
     assert b["codebooks"] == 3 * 48 * 16 * 2 * 8 and b["scales"] == 3 * 48 * 16 and b["perm"] == 0
     assert b["bpw"] == pytest.approx(2 + 272 / (192 * 12))
-    assert vq.bits_per_weight(10, 8, 4, 2, -1, -1, ordered=True)["perm"] == 8 * 16
+    assert vq_layer_bits(10, 8, 4, 2, -1, -1, ordered=True)["perm"] == 8 * 16
 
 
 def test_quantize_linear_vq_path_and_report(gen):
@@ -186,10 +180,11 @@ def test_pack_codes_round_trip(gen):
 
 
 def test_vq_matmul_has_a_meta_kernel():
+    # the raw op: its Meta kernel is under test
     m = torch.device("meta")
-    y = ops().vq_matmul(torch.empty(2, 3, 8, device=m), torch.empty(5, 4, dtype=torch.int32, device=m),
-                        torch.empty(1, 1, 16, 2, dtype=torch.int8, device=m), torch.empty(1, 1, device=m),
-                        torch.empty(8, dtype=torch.long, device=m), -1, -1, None)
+    y = raw_ops().vq_matmul(torch.empty(2, 3, 8, device=m), torch.empty(5, 4, dtype=torch.int32, device=m),
+                            torch.empty(1, 1, 16, 2, dtype=torch.int8, device=m), torch.empty(1, 1, device=m),
+                            torch.empty(8, dtype=torch.long, device=m), -1, -1, None)
     assert y.shape == (2, 3, 5) and y.device == m
 
 

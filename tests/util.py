@@ -1,5 +1,6 @@
-"""Test helpers: random problems and thin positional wrappers of the torch.ops.lrgptq ops
-(schemas in the engine API contract). lrgptq is imported lazily, so reference-only tests run without it."""
+"""Test helpers: random problems, and the tests' default settings for the typed op wrappers of
+lrgptq.ops (every test calls the ops through them). lrgptq is imported lazily, so reference-only
+tests run without it."""
 import torch
 
 
@@ -46,48 +47,64 @@ def random_orthogonal(gen, n):
 
 
 def ops():
+    """lrgptq.ops, the typed op wrappers (imported lazily: reference-only tests run without the core)."""
+    from lrgptq import ops as lrgptq_ops
+    return lrgptq_ops
+
+
+def raw_ops():
+    """torch.ops.lrgptq itself: only for tests of a raw op's own error messages or its Meta kernel."""
     import lrgptq  # noqa: F401  (registers torch.ops.lrgptq)
     return torch.ops.lrgptq
 
 
-def gptq_op(W, perm, U, *, bits=4, group_size=-1, sym=False, mse=False, static_groups=False,
-            from_original=False, block_size=128):
-    """torch.ops.lrgptq.gptq_quantize -> (codes, scales, zeros, g_idx, Q, row_loss)."""
-    return ops().gptq_quantize(W, perm, U, from_original, bits, group_size, sym, mse, static_groups, block_size)
+# The tests' engine and factor settings where a test does not name them (ops.py wants every one).
+ENGINE_DEFAULTS = dict(from_original=False, bits=4, group_size=-1, sym=False, mse=False, static_groups=False,
+                       block_size=128)
+VQ_DEFAULTS = dict(from_original=False, dim=2, bits=2, group_cols=-1, group_rows=-1, em_iters=5, codebook_int8=True,
+                   block_size=128)
+FACTOR_DEFAULTS = dict(order="identity", damp=0.0, damp_ref="mean", max_retries=8, truncation="none", tau=0.0,
+                       dtype=torch.float64)
 
 
-def factor_op(A, source, route, order="identity", *, damp=0.0, damp_ref="mean", max_retries=8,
-              truncation="none", tau=0.0, dtype=torch.float64):
-    """torch.ops.lrgptq.factor -> (perm, U, rank, dead, info)."""
-    return ops().factor(A, source, route, order, damp, damp_ref, max_retries, truncation, tau, dtype)
+def gptq(W, perm, U, **settings):
+    """ops.gptq_quantize with ENGINE_DEFAULTS for the settings not given: a named ops.Quantized."""
+    return ops().gptq_quantize(W, perm, U, **{**ENGINE_DEFAULTS, **settings})
 
 
-def gram_op(X, H=None):
+def vq(W, perm, U, **settings):
+    """ops.vq_quantize with VQ_DEFAULTS for the settings not given: a named ops.VQuantized."""
+    return ops().vq_quantize(W, perm, U, **{**VQ_DEFAULTS, **settings})
+
+
+def factor(A, source, route, order="identity", **settings):
+    """ops.factor with FACTOR_DEFAULTS for the settings not given: a named ops.Factorization."""
+    return ops().factor(A, source=source, route=route, **{**FACTOR_DEFAULTS, "order": order, **settings})
+
+
+def gram(X, H=None):
     H = torch.zeros(X.shape[-1], X.shape[-1], dtype=torch.float64) if H is None else H
     ops().gram_update(H, X)
     return H
 
 
-def qr_op(batches, d, dtype=torch.float64, R=None):
+def qr(batches, d, dtype=torch.float64, R=None):
     R = torch.zeros(d, d, dtype=dtype) if R is None else R
     for Xb in batches:
         ops().qr_update(R, Xb)
     return R
 
 
-def sketch_op(Y, X, seed, offset, kind="sparse", zeta=8):
-    ops().sketch_update(Y, X, seed, offset, kind, zeta)
+def sketch(Y, X, seed, offset, kind="sparse", zeta=8):
+    ops().sketch_update(Y, X, seed=seed, offset=offset, kind=kind, zeta=zeta)
     return Y
 
 
 def quantize_with(W, A, source, route, order, *, dtype=torch.float64, damp=0.0, truncation="none",
                   tau=0.0, **quant):
-    """factor + gptq_quantize, from_original as the factor reports it (info[5]).
-    Returns (codes, scales, zeros, g_idx, Q, row_loss), (perm, U, rank, dead, info)."""
-    f = factor_op(A, source, route, order, damp=damp, truncation=truncation, tau=tau, dtype=dtype)
-    perm, U, rank, dead, info = f
-    out = gptq_op(W.to(dtype), perm, U, from_original=bool(info[5].item()), **quant)
-    return out, f
+    """factor + gptq, from_original as the factor reports it: (ops.Quantized, ops.Factorization)."""
+    f = factor(A, source, route, order, damp=damp, truncation=truncation, tau=tau, dtype=dtype)
+    return gptq(W.to(dtype), f.perm, f.U, from_original=f.from_original, **quant), f
 
 
 def sweep_split(N, gen, parts):

@@ -1,4 +1,4 @@
-// The sketch accumulator's draws on CUDA (DESIGN §2), from the counter-based RNG of
+// The sketch accumulator's draws on CUDA (docs/design.md §2), from the counter-based RNG of
 // csrc/sketch_rng.h, shared with the CPU op so that both devices draw the same S:
 //   sparse:   Y += S_b X_b with zeta entries ±1/√zeta per token, scattered by atomicAdd (the order
 //             of the sums differs from the CPU's token order: equal to rounding, not bit for bit);

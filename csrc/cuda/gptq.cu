@@ -1,4 +1,4 @@
-// The GPTQ engine on CUDA (DESIGN §4): the block loop of csrc/gptq.cpp with
+// The GPTQ engine on CUDA (docs/design.md §4): the block loop of csrc/gptq.cpp with
 //   - one kernel launch per block of B columns (never per column): each CUDA thread block owns
 //     kRows rows and holds their block segment T[r, i1:i2] in shared memory (kRows × B values,
 //     stored column-major with a padded stride); kLanes threads per row run its sequential loop:

@@ -1,4 +1,4 @@
-// Quantized matmul on CUDA: y = x · dequant(qweight)ᵀ for a GPTQ-layout layer (DESIGN §9), with
+// Quantized matmul on CUDA: y = x · dequant(qweight)ᵀ for a GPTQ-layout layer (docs/design.md §9), with
 //   w[n, i] = scales[g, n] · (q[i, n] − z[g, n]),  g = g_idx[i]   (in float32, as the CPU op),
 // q and z read with the packing rule of csrc/bitpack.h (shared with the CPU), so 2/3/4/8 bits
 // and act-order g_idx all take the same code.

@@ -1,4 +1,4 @@
-"""Accumulators: what is kept of a layer's calibration inputs X while they stream (DESIGN §2)."""
+"""Accumulators: what is kept of a layer's calibration inputs X while they stream (docs/design.md §2)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import List, Optional, Union
 import torch
 
 from . import ops
-
-KINDS = ("gram", "qr", "sketch")
+from .limits import ACCUMULATORS
 
 
 class Accumulator:
@@ -36,8 +35,8 @@ class Accumulator:
         token_offset: int = 0,
         device: Union[str, torch.device, None] = None,
     ) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"Accumulator kind={kind!r} is not allowed: use one of {KINDS}")
+        if kind not in ACCUMULATORS:
+            raise ValueError(f"Accumulator kind={kind!r} is not allowed: use one of {ACCUMULATORS}")
         if not isinstance(d, int) or d < 1:
             raise ValueError(f"Accumulator d={d!r} must be a positive integer (the layer's in_features)")
         self.kind, self.d, self.sketch_kind, self.zeta, self.seed = kind, d, sketch_kind, zeta, seed

@@ -7,56 +7,60 @@ import json
 import os
 import sys
 import time
+from dataclasses import fields
 from typing import List, Optional
 
 import torch
 
-from .config import GRIDS, METHODS, ORDERS, ROUTES, TRUNCATIONS, QuantConfig
+from .config import METHODS, QuantConfig
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _shown(value) -> str:
+    """A QuantConfig default as the help shows it."""
+    if value is None:
+        return "unset"
+    return _dtype_name(value) if isinstance(value, torch.dtype) else str(value)
 
 
 def _add_quant_options(p: argparse.ArgumentParser) -> None:
+    """One option per QuantConfig field, with the field's help text; defaults come from QuantConfig
+    (or the --method preset), so only the options given on the command line are passed on."""
     g = p.add_argument_group("quantization")
     g.add_argument("--method", choices=sorted(METHODS), default="lrgptq",
                    help="preset: gptq = Cholesky of the damped H (as published); lrgptq = exact streaming QR, "
-                        "SVD with spectral damping and truncation, pivoted order (never fails); rtn = round to nearest")
-    g.add_argument("--bits", type=int, default=4, help="bits per weight, 2..8")
-    g.add_argument("--group-size", type=int, default=128, help="input channels per scale/zero; -1 = one per row")
-    g.add_argument("--sym", action="store_true", help="symmetric grid (zero fixed at 2^(bits-1)); default asymmetric")
-    g.add_argument("--mse", action="store_true", help="search the grid's range by MSE (shrink factors) instead of min-max")
-    g.add_argument("--static-groups", action="store_true", help="group grids from the original weights, before any update")
-    g.add_argument("--route", choices=ROUTES, help="override the preset's factor route")
-    g.add_argument("--order", choices=ORDERS, help="column order: identity, act (diag H), pivot (pivoted QR), babai (back to front)")
-    g.add_argument("--accumulator", choices=("gram", "qr", "sketch"), help="what is kept of the inputs: H, R, or a sketch Y")
-    g.add_argument("--sketch-size", type=int, help="rows m of the sketch (accumulator sketch)")
-    g.add_argument("--damp", type=float, default=0.01, help="cholesky route: λ = damp × mean (or median) diag H")
-    g.add_argument("--damp-ref", choices=("mean", "median"), default="mean", help="diagonal statistic that damp multiplies")
-    g.add_argument("--truncation", choices=TRUNCATIONS, default="rel", help="svdqr: rule that drops meaningless singular values")
-    g.add_argument("--tau", type=float, default=1e-4, help="svdqr: threshold of the truncation rule")
-    g.add_argument("--block-size", type=int, default=128, help="columns per lazy batch update")
-    g.add_argument("--ldlq-dim", type=int, default=1,
-                   help="block LDLQ: choose D columns' codes jointly, D in 1..8; 1 = scalar GPTQ")
-    g.add_argument("--grid", choices=GRIDS, default="minmax",
-                   help="minmax (GPTQ's) or noclip (rerun with grids covering the error feedback's targets)")
-    g.add_argument("--grid-passes", type=int, default=4, help="noclip: most passes")
-    g.add_argument("--vq-dim", type=int, default=0, choices=(0, 1, 2, 4),
-                   help="GPTVQ: columns per codebook vector (0 = the scalar grid); codebooks of 2^(bits*D) entries")
-    g.add_argument("--vq-group-cols", type=int, default=256, help="GPTVQ: columns sharing one codebook")
-    g.add_argument("--vq-group-rows", type=int, default=32, help="GPTVQ: rows sharing one codebook")
+                        "SVD with spectral damping and truncation, pivoted order (never fails); rtn = round to "
+                        "nearest (default: %(default)s)")
+    preset = set().union(*METHODS.values())
+    for f in fields(QuantConfig):
+        meta = f.metadata
+        flag = "--" + f.name.replace("_", "-")
+        default = "the --method preset's" if f.name in preset else _shown(f.default)
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{meta['help']} (default: {default})")
+        if isinstance(f.default, bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(f.default, torch.dtype):
+            g.add_argument(flag, choices=[_dtype_name(c) for c in meta["choices"]], **kw)
+        elif meta["choices"] is not None:
+            g.add_argument(flag, choices=meta["choices"], type=type(f.default), **kw)
+        else:
+            g.add_argument(flag, type=meta["type"] or type(f.default), **kw)
     g.add_argument("--skip", nargs="*", default=[], help="leave layers whose name contains any of these in full precision")
     g.add_argument("--no-true-sequential", action="store_true",
                    help="capture all of a block's inputs at once instead of subset by subset")
-    g.add_argument("--seed", type=int, default=0, help="seed of calibration windows and sketches")
 
 
 def _config(args: argparse.Namespace) -> QuantConfig:
-    overrides = {k: getattr(args, k) for k in ("route", "order", "accumulator", "sketch_size") if getattr(args, k)}
-    return QuantConfig.for_method(
-        args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, mse=args.mse,
-        static_groups=args.static_groups, damp=args.damp, damp_ref=args.damp_ref,
-        truncation=args.truncation, tau=args.tau, block_size=args.block_size, seed=args.seed,
-        ldlq_dim=args.ldlq_dim, grid=args.grid, grid_passes=args.grid_passes, vq_dim=args.vq_dim,
-        vq_group_cols=args.vq_group_cols, vq_group_rows=args.vq_group_rows, **overrides,
-    )
+    """The --method preset with the QuantConfig fields given on the command line."""
+    overrides = {}
+    for f in fields(QuantConfig):
+        if hasattr(args, f.name):
+            value = getattr(args, f.name)
+            overrides[f.name] = getattr(torch, value) if isinstance(f.default, torch.dtype) else value
+    return QuantConfig.for_method(args.method, **overrides)
 
 
 def _tokenizer(path: str, gguf_file: Optional[str] = None):
@@ -110,7 +114,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     else:
         model, tok = _load(args.model, args.gguf_file)
     with open(args.calib, encoding="utf-8") as f:
-        calib = text_windows(f.read(), tok, args.nsamples, args.seqlen, args.seed)
+        calib = text_windows(f.read(), tok, args.nsamples, args.seqlen, cfg.seed)
     common = dict(skip=tuple(args.skip), true_sequential=not args.no_true_sequential, comm=comm,
                   progress=comm.is_writer)
     if args.stream:
@@ -150,7 +154,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import run_demo  # the demo's data helpers load only here, never with the library
 
     run_demo(bits=args.bits, methods=args.methods, nsamples=args.nsamples, seqlen=args.seqlen,
              window=args.window, max_windows=args.max_windows)

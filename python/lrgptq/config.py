@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 import torch
 
+from . import limits
+from .limits import ACCUMULATORS, MAX_BITS, MAX_LDLQ_DIM, MIN_BITS, vq_bits_ok, vq_bits_rule
+
 ROUTES = ("cholesky", "svdqr", "ql", "rtn")
 ORDERS = ("identity", "act", "pivot", "babai")
-ACCUMULATORS = ("gram", "qr", "sketch")
 TRUNCATIONS = ("rel", "energy", "none")
 DAMP_REFS = ("mean", "median")
 SKETCH_KINDS = ("sparse", "gaussian")
 GRIDS = ("minmax", "noclip")
-MAX_LDLQ_DIM = 8
 COMPUTE_DTYPES = (torch.float32, torch.float64)
-VQ_DIMS = (0, 1, 2, 4)
+VQ_DIMS = (0,) + limits.VQ_DIMS  # 0: the scalar grid
 METHODS = {
     "gptq": {"route": "cholesky", "accumulator": "gram", "order": "identity"},
     "lrgptq": {"route": "svdqr", "accumulator": "qr", "order": "pivot"},
@@ -24,8 +25,14 @@ METHODS = {
 }
 
 
-def _bad(field: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"QuantConfig.{field}={value!r} is not allowed: {field} must be {allowed}")
+def _bad(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"QuantConfig.{name}={value!r} is not allowed: {name} must be {allowed}")
+
+
+def _setting(default: Any, help: str, choices: Optional[tuple] = None, value_type: Optional[type] = None) -> Any:
+    """A QuantConfig field with its help text (and, for the CLI, its choices or value type): the
+    command line builds its quantization options from these (cli.py), defaults included."""
+    return field(default=default, metadata={"help": help, "choices": choices, "type": value_type})
 
 
 @dataclass
@@ -45,38 +52,42 @@ class QuantConfig:
     produced, until nothing is clamped or ``grid_passes`` runs: the condition of Babai's bound).
     """
 
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = False
-    mse: bool = False
-    static_groups: bool = False
-    route: str = "svdqr"
-    order: str = "pivot"
-    accumulator: str = "qr"
-    sketch_size: Optional[int] = None
-    sketch_kind: str = "sparse"
-    zeta: int = 8
-    seed: int = 0
-    damp: float = 0.01
-    damp_ref: str = "mean"
-    max_retries: int = 8
-    truncation: str = "rel"
-    tau: float = 1e-4
-    block_size: int = 128
-    ldlq_dim: int = 1
-    grid: str = "minmax"
-    grid_passes: int = 4
-    compute_dtype: torch.dtype = torch.float32
-    factor_dtype: torch.dtype = torch.float64
+    bits: int = _setting(4, f"bits per weight, {MIN_BITS}..{MAX_BITS} (GPTVQ: index bits per weight)")
+    group_size: int = _setting(128, "input channels per scale/zero; -1 = one per row")
+    sym: bool = _setting(False, "symmetric grid (zero fixed at 2^(bits-1)) instead of asymmetric")
+    mse: bool = _setting(False, "search the grid's range by MSE (shrink factors) instead of min-max")
+    static_groups: bool = _setting(False, "group grids from the original weights, before any update")
+    route: str = _setting("svdqr", "factor route: cholesky (GPTQ's damped H), svdqr (SVD of the input factor), "
+                          "ql (exact, no inverse), rtn (round to nearest)", ROUTES)
+    order: str = _setting("pivot", "column order: identity, act (diag H), pivot (pivoted QR), babai (back to front)",
+                          ORDERS)
+    accumulator: str = _setting("qr", "what is kept of the inputs: H (gram), R (qr), or a sketch Y", ACCUMULATORS)
+    sketch_size: Optional[int] = _setting(None, "rows m of the sketch (accumulator sketch)", value_type=int)
+    sketch_kind: str = _setting("sparse", "sketch: sparse sign or gaussian", SKETCH_KINDS)
+    zeta: int = _setting(8, "sparse sketch: nonzeros per token")
+    seed: int = _setting(0, "seed of calibration windows and sketches")
+    damp: float = _setting(0.01, "λ = damp × mean (or median) diag H: added to H (cholesky) or to σ² (svdqr)")
+    damp_ref: str = _setting("mean", "diagonal statistic that damp multiplies", DAMP_REFS)
+    max_retries: int = _setting(8, "cholesky: tenfold raises of λ before giving up")
+    truncation: str = _setting("rel", "svdqr: rule that drops meaningless singular values", TRUNCATIONS)
+    tau: float = _setting(1e-4, "svdqr: threshold of the truncation rule")
+    block_size: int = _setting(128, "columns per lazy batch update")
+    ldlq_dim: int = _setting(1, f"block LDLQ: choose D columns' codes jointly, D in 1..{MAX_LDLQ_DIM}; 1 = scalar GPTQ")
+    grid: str = _setting("minmax", "minmax (GPTQ's) or noclip (rerun with grids covering the error feedback's "
+                         "targets)", GRIDS)
+    grid_passes: int = _setting(4, "noclip: most passes")
+    compute_dtype: torch.dtype = _setting(torch.float32, "dtype of the engine's arithmetic", COMPUTE_DTYPES)
+    factor_dtype: torch.dtype = _setting(torch.float64, "dtype of the factor route's arithmetic", COMPUTE_DTYPES)
     # GPTVQ (python/lrgptq/vq.py): 0 = the scalar grid; 1, 2 or 4 = vector quantization with
     # codebooks of 2^(bits·vq_dim) centroids per vq_group_cols columns × vq_group_rows rows (−1: all),
     # fitted by vq_em_iters EM iterations and stored as int8 with a float16 scale.
-    vq_dim: int = 0
-    vq_group_cols: int = 256
-    vq_group_rows: int = 32
-    vq_em_iters: int = 10
-    vq_codebook_int8: bool = True
-    vq_codebook_steps: int = 0  # GPTVQ's codebook update after the pass (0: none)
+    vq_dim: int = _setting(0, "GPTVQ: columns per codebook vector (0 = the scalar grid); codebooks of "
+                           "2^(bits*D) entries", VQ_DIMS)
+    vq_group_cols: int = _setting(256, "GPTVQ: columns sharing one codebook")
+    vq_group_rows: int = _setting(32, "GPTVQ: rows sharing one codebook")
+    vq_em_iters: int = _setting(10, "GPTVQ: EM iterations fitting each codebook")
+    vq_codebook_int8: bool = _setting(True, "GPTVQ: round codebooks to int8 with a float16 scale")
+    vq_codebook_steps: int = _setting(0, "GPTVQ: codebook update steps after the pass (0: none)")
 
     def __post_init__(self) -> None:
         def check_int(field: str, lo: int, hi: Optional[int] = None) -> None:
@@ -89,12 +100,12 @@ class QuantConfig:
             if v not in choices:
                 raise _bad(field, v, "one of " + ", ".join(repr(c) for c in choices))
 
-        check_int("bits", 2, 8)
+        check_int("bits", MIN_BITS, MAX_BITS)
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (
             self.group_size != -1 and self.group_size < 1
         ):
             raise _bad("group_size", self.group_size, "-1 (one group per row) or a positive integer")
-        for field, choices in (
+        for name, choices in (
             ("route", ROUTES),
             ("order", ORDERS),
             ("accumulator", ACCUMULATORS),
@@ -105,10 +116,10 @@ class QuantConfig:
             ("compute_dtype", COMPUTE_DTYPES),
             ("factor_dtype", COMPUTE_DTYPES),
         ):
-            check_choice(field, choices)
-        for field in ("sym", "mse", "static_groups"):
-            if not isinstance(getattr(self, field), bool):
-                raise _bad(field, getattr(self, field), "True or False")
+            check_choice(name, choices)
+        for name in ("sym", "mse", "static_groups"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "True or False")
         check_int("zeta", 1)
         check_int("seed", 0)
         check_int("max_retries", 0)
@@ -139,9 +150,8 @@ class QuantConfig:
     def _check_vq(self) -> None:
         if self.vq_dim not in VQ_DIMS or isinstance(self.vq_dim, bool):
             raise _bad("vq_dim", self.vq_dim, "0 (scalar grid), 1, 2 or 4")
-        if self.vq_dim and self.bits * self.vq_dim > 12:
-            raise _bad("bits", self.bits, f"<= {12 // self.vq_dim} with vq_dim={self.vq_dim} "
-                       "(a codebook holds 2^(bits·vq_dim) <= 4096 centroids)")
+        if self.vq_dim and not vq_bits_ok(self.bits, self.vq_dim):
+            raise _bad("bits", self.bits, vq_bits_rule(self.vq_dim))
         for field, step in (("vq_group_cols", max(self.vq_dim, 1)), ("vq_group_rows", 1)):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int) or (v != -1 and (v < 1 or v % step)):

@@ -5,11 +5,11 @@ method is the identity) and :class:`Distributed` the torch.distributed one:
 
 - calibration batches are split into contiguous runs, one per rank; each rank feeds its own
   accumulator, with the sketch's token counter starting at the global index of its first token
-  (DESIGN §2: S_b depends on (seed, global token index) only, so Y = Σ_ranks Y_r);
+  (docs/design.md §2: S_b depends on (seed, global token index) only, so Y = Σ_ranks Y_r);
 - accumulators merge exactly: H and Y by an all-reduce sum, R by a binary tree of QR merges
   (R ← R-factor of [R_a; R_b], which keeps RᵀR = R_aᵀR_a + R_bᵀR_b);
 - the factor (perm, U) is computed once, on rank 0, and broadcast;
-- the rows of W are split across ranks for the engine (rows are independent given U, DESIGN §1)
+- the rows of W are split across ranks for the engine (rows are independent given U, docs/design.md §1)
   and all-gathered, so every rank ends with the whole layer.
 
 What differs from one process is the order of floating-point sums (H, Y, R); see
@@ -109,7 +109,7 @@ class Distributed(Comm):
         tokens = self._all_reduce(torch.tensor([acc.tokens], dtype=torch.float64))
         if acc.kind == "qr":
             self._tree_qr(acc)
-        else:  # H and Y are sums over tokens (DESIGN §2)
+        else:  # H and Y are sums over tokens (docs/design.md §2)
             acc._state = self._all_reduce(acc.state)
         acc.tokens = int(tokens.item())
         return acc

@@ -32,7 +32,7 @@ class QuantResult:
 
 
 def babai_bound(scales: torch.Tensor, g_idx: torch.Tensor, perm: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """Per row, Babai's bound on the loss when nothing is clipped (DESIGN §6.5):
+    """Per row, Babai's bound on the loss when nothing is clipped (docs/design.md §6.5):
     Σ_j (δ_j²/4)/U_jj² over the k factored columns, δ_j the step of column j's group (1/U_jj = L_jj)."""
     k = U.shape[0]
     if k == 0:

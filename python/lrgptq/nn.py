@@ -1,6 +1,6 @@
 """QuantLinear: a linear layer held in the GPTQ checkpoint layout, run by a C++ kernel.
 
-Buffers, as the GPTQ readers name and shape them (DESIGN §9):
+Buffers, as the GPTQ readers name and shape them (docs/design.md §9):
 ``qweight`` int32 (ceil(in·bits/32), out), ``qzeros`` int32 (groups, ceil(out·bits/32)),
 ``scales`` (groups, out), ``g_idx`` int32 (in), ``bias`` (out) or None. The forward pass calls
 ``torch.ops.lrgptq.qmatmul``, which dequantizes tile by tile and never holds the float weight.
@@ -9,26 +9,16 @@ Inference only: the op has no backward.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import nn
 
 from . import ops
+from .limits import LAYOUT_BITS, n_groups, packed_words, sequential_g_idx
 
 # checkpoint_format -> what is added to a stored zero point to get z: v1 stores z − 1.
 ZERO_OFFSETS = {"gptq": 1, "gptq_v2": 0}
-BITS = (2, 3, 4, 8)
-
-
-def packed_words(n: int, bits: int) -> int:
-    """int32 words that hold n values of ``bits`` bits (the readers' ceil rule)."""
-    return math.ceil(n * bits / 32)
-
-
-def groups(in_features: int, group_size: int) -> int:
-    return 1 if group_size == -1 else math.ceil(in_features / group_size)
 
 
 class QuantLinear(nn.Module):
@@ -45,8 +35,8 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype = torch.float16,
     ) -> None:
         super().__init__()
-        if bits not in BITS:
-            raise ValueError(f"QuantLinear: bits must be one of {BITS} (the GPTQ layout's widths), got {bits!r}")
+        if bits not in LAYOUT_BITS:
+            raise ValueError(f"QuantLinear: bits must be one of {LAYOUT_BITS} (the GPTQ layout's widths), got {bits!r}")
         if group_size != -1 and group_size < 1:
             raise ValueError(f"QuantLinear: group_size must be -1 or positive, got {group_size!r}")
         if checkpoint_format not in ZERO_OFFSETS:
@@ -55,12 +45,11 @@ class QuantLinear(nn.Module):
             )
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.checkpoint_format = bits, group_size, checkpoint_format
-        G = groups(in_features, group_size)
-        gsz = in_features if group_size == -1 else group_size
+        G = n_groups(in_features, group_size)
         self.register_buffer("qweight", torch.zeros(packed_words(in_features, bits), out_features, dtype=torch.int32))
         self.register_buffer("qzeros", torch.zeros(G, packed_words(out_features, bits), dtype=torch.int32))
         self.register_buffer("scales", torch.zeros(G, out_features, dtype=dtype))
-        self.register_buffer("g_idx", (torch.arange(in_features) // max(gsz, 1)).to(torch.int32))
+        self.register_buffer("g_idx", sequential_g_idx(in_features, group_size))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
 
     @property

