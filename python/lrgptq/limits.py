@@ -49,6 +49,11 @@ def packed_words(n: int, bits: int) -> int:
     return math.ceil(n * bits / 32)
 
 
+def packed_bytes(n: int, bits: int) -> int:
+    """uint8 bytes that hold n values of ``bits`` bits packed as one stream (GPTVQ's indices)."""
+    return math.ceil(n * bits / 8)
+
+
 def sequential_g_idx(n: int, group_size: int) -> torch.Tensor:
     """The group of each of ``n`` inputs without act-order: i // group_size (−1: all in group 0), int32."""
     size = max(n, 1) if group_size == -1 else group_size
