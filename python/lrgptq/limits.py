@@ -16,8 +16,9 @@ import torch
 MIN_BITS, MAX_BITS = 2, 8
 LAYOUT_BITS = (2, 3, 4, 8)
 
-# What is kept of a layer's inputs (docs/design.md §2).
+# What is kept of a layer's inputs, and the sketch's random matrices (docs/design.md §2).
 ACCUMULATORS = ("gram", "qr", "sketch")
+SKETCH_KINDS = ("sparse", "gaussian")
 
 # Block LDLQ: at most this many columns chosen jointly (docs/design.md §5).
 MAX_LDLQ_DIM = 8
