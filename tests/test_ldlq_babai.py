@@ -131,9 +131,9 @@ def test_config_accepts_static_groups_with_any_d():
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(ldlq_dim=3, group_size=16), "multiple of vec_dim"),
+    (dict(ldlq_dim=3, group_size=16), "multiple of (vec_dim|ldlq_dim)"),  # the C++ name is being renamed
     (dict(ldlq_dim=2, from_original=True), "from_original"),
-    (dict(ldlq_dim=0), "vec_dim"),
+    (dict(ldlq_dim=0), "vec_dim|ldlq_dim"),
     (dict(grid="noclip", mse=True), "mse"),
     (dict(grid="x"), "grid must be"),
 ])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import reference as ref
-from util import problem, rand_X, raw_ops
+from util import ops, problem, rand_X, raw_ops
 
 F64 = torch.float64
 ALL_CHECKS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -29,13 +29,12 @@ def _engine_inputs(gen, d_out=5, d=24):
 
 def _layer(gen, d=64, d_out=16, bits=4, group_size=32):
     """A small GPTQ-layout layer: qweight, qzeros, scales, g_idx (v1 zero points)."""
-    ops = raw_ops()
     G = d // group_size
     codes = torch.randint(0, 2**bits, (d, d_out), generator=gen, dtype=torch.uint8)
     zeros = torch.randint(0, 2**bits - 1, (G, d_out), generator=gen, dtype=torch.uint8)
     scales = (torch.rand(G, d_out, generator=gen) * 0.02 + 0.001).half()
     g_idx = torch.arange(d, dtype=torch.int32) // group_size
-    return ops.pack_bits(codes, bits, 0), ops.pack_bits(zeros, bits, 1), scales, g_idx
+    return ops().pack_bits(codes, bits, 0), ops().pack_bits(zeros, bits, 1), scales, g_idx
 
 
 def cases(gen):

@@ -26,3 +26,20 @@ def test_the_demo_subpackage_has_its_helpers():
 
     for name in ("load_demo_model", "austen_books", "run_demo", "CALIB_BOOK", "EVAL_BOOK", "cache_dir"):
         assert hasattr(demo, name), name
+
+
+def test_every_name_the_readme_uses_is_exported_at_the_top():
+    import re
+
+    import lrgptq
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    code = "\n".join(re.findall(r"```python\n(.*?)```", readme, flags=re.S))
+    prose = re.findall(r"`lrgptq\.(\w+)", readme)
+    names = set(re.findall(r"\blrgptq\.(\w+)", code)) | {n for n in prose if n not in ("demo",)}
+    assert names, "the README shows no lrgptq names?"
+    missing = sorted(n for n in names if n not in lrgptq.__all__)
+    assert not missing, f"README names not exported by lrgptq: {missing}"
+    for name in lrgptq.__all__:
+        assert hasattr(lrgptq, name), name

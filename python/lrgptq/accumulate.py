@@ -8,7 +8,7 @@ from typing import List, Optional, Union
 import torch
 
 from . import ops
-from .limits import ACCUMULATORS
+from .limits import ACCUMULATORS, SKETCH_KINDS
 
 
 class Accumulator:
@@ -54,8 +54,8 @@ class Accumulator:
         else:
             if sketch_size is None or sketch_size < 1:
                 raise ValueError("Accumulator('sketch') needs sketch_size=m >= 1 (rows of the sketch)")
-            if sketch_kind not in ("sparse", "gaussian"):
-                raise ValueError(f"sketch_kind={sketch_kind!r} must be 'sparse' or 'gaussian'")
+            if sketch_kind not in SKETCH_KINDS:
+                raise ValueError(f"sketch_kind={sketch_kind!r} must be one of {SKETCH_KINDS}")
             self._state = torch.zeros(sketch_size, d, dtype=torch.float64, device=dev)
 
     @property

@@ -8,13 +8,12 @@ from typing import Any, Optional
 import torch
 
 from . import limits
-from .limits import ACCUMULATORS, MAX_BITS, MAX_LDLQ_DIM, MIN_BITS, vq_bits_ok, vq_bits_rule
+from .limits import ACCUMULATORS, MAX_BITS, MAX_LDLQ_DIM, MIN_BITS, SKETCH_KINDS, vq_bits_ok, vq_bits_rule
 
 ROUTES = ("cholesky", "svdqr", "ql", "rtn")
 ORDERS = ("identity", "act", "pivot", "babai")
 TRUNCATIONS = ("rel", "energy", "none")
 DAMP_REFS = ("mean", "median")
-SKETCH_KINDS = ("sparse", "gaussian")
 GRIDS = ("minmax", "noclip")
 COMPUTE_DTYPES = (torch.float32, torch.float64)
 VQ_DIMS = (0,) + limits.VQ_DIMS  # 0: the scalar grid

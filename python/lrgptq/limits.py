@@ -16,8 +16,9 @@ import torch
 MIN_BITS, MAX_BITS = 2, 8
 LAYOUT_BITS = (2, 3, 4, 8)
 
-# What is kept of a layer's inputs (docs/design.md §2).
+# What is kept of a layer's inputs, and the sketch's random matrices (docs/design.md §2).
 ACCUMULATORS = ("gram", "qr", "sketch")
+SKETCH_KINDS = ("sparse", "gaussian")
 
 # Block LDLQ: at most this many columns chosen jointly (docs/design.md §5).
 MAX_LDLQ_DIM = 8
@@ -47,6 +48,11 @@ def n_groups(n: int, size: int) -> int:
 def packed_words(n: int, bits: int) -> int:
     """int32 words that hold n values of ``bits`` bits packed as one stream (the readers' ceil rule)."""
     return math.ceil(n * bits / 32)
+
+
+def packed_bytes(n: int, bits: int) -> int:
+    """uint8 bytes that hold n values of ``bits`` bits packed as one stream (GPTVQ's indices)."""
+    return math.ceil(n * bits / 8)
 
 
 def sequential_g_idx(n: int, group_size: int) -> torch.Tensor:

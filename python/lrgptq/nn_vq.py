@@ -10,14 +10,13 @@ stored buffers, not saved). Inference only.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import nn
 
 from . import ops
-from .limits import VQ_DIMS, n_groups, vq_bits_ok, vq_bits_rule
+from .limits import VQ_DIMS, n_groups, packed_bytes, vq_bits_ok, vq_bits_rule
 
 
 def pack_codes(codes: torch.Tensor, width: int) -> torch.Tensor:
@@ -25,7 +24,7 @@ def pack_codes(codes: torch.Tensor, width: int) -> torch.Tensor:
     n, m = codes.shape
     bits = (codes.long()[..., None] >> torch.arange(width)) & 1  # (n, m, width)
     flat = bits.reshape(n, m * width)
-    nbytes = math.ceil(m * width / 8)
+    nbytes = packed_bytes(m, width)
     flat = torch.nn.functional.pad(flat, (0, nbytes * 8 - m * width))
     return (flat.reshape(n, nbytes, 8) << torch.arange(8)).sum(-1).to(torch.uint8)
 
@@ -58,7 +57,7 @@ class VQLinear(nn.Module):
         self.dim, self.bits, self.group_cols, self.group_rows = dim, bits, group_cols, group_rows
         Gc, Gr = n_groups(in_features, group_cols), n_groups(out_features, group_rows)
         nv, width = in_features // dim, bits * dim
-        self.register_buffer("qweight", torch.zeros(out_features, math.ceil(nv * width / 8), dtype=torch.uint8))
+        self.register_buffer("qweight", torch.zeros(out_features, packed_bytes(nv, width), dtype=torch.uint8))
         self.register_buffer("codebooks", torch.zeros(Gc, Gr, 1 << width, dim, dtype=torch.int8))
         self.register_buffer("codebook_scales", torch.zeros(Gc, Gr, dtype=torch.float16))
         self.register_buffer("perm", torch.arange(in_features, dtype=perm_dtype(in_features)) if ordered else None)

@@ -11,7 +11,6 @@ codebooks, their scales and (out of order) the column order add to that:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 
@@ -46,16 +45,6 @@ class VQResult:
         if not bool((s > 0).all()):
             raise ValueError("these codebooks were not rounded to int8 (QuantConfig.vq_codebook_int8=False)")
         return torch.round(self.codebooks / s[..., None, None]).to(torch.int8)
-
-
-def model_bits_per_weight(results: Iterable[VQResult]) -> float:
-    """Stored bits per quantized weight over many layers (everything counted)."""
-    total = weights = 0
-    for r in results:
-        b = r.report["bits"]
-        total += b["total"]
-        weights += b["weights"]
-    return total / max(weights, 1)
 
 
 def dequantize(codes: torch.Tensor, codebooks: torch.Tensor, perm: torch.Tensor, group_cols: int,
