@@ -154,15 +154,13 @@ def _run_key(model_dir: Path, files: Dict[str, Path], model: nn.Module, batches:
 def _open_manifest(out: Path, key: str, comm: Comm) -> Dict[str, Any]:
     path = out / MANIFEST
     if comm.is_writer:
-        if path.is_file():
+        if checkpoint.check_target(out, MANIFEST, "write a streamed checkpoint"):
             manifest = checkpoint._read_json(path)
             if manifest.get("key") != key:
                 raise ValueError(
                     f"{path}: this directory holds a streamed run of another model, settings or calibration "
                     "data; resume with the same ones, or write to a new directory"
                 )
-        elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ValueError(f"{out} exists and is not an empty directory nor a streamed run; refusing to write there")
         else:
             out.mkdir(parents=True, exist_ok=True)
             checkpoint.write_json_atomic(path, {"version": VERSION, "key": key, "blocks": {}})
