@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .calib import Calib, calibration_batches
+from .advice import warn_after_run, warn_unused_options
+from .calib import Calib, calibration_batches, vocab_size
 from .capture import BlockInput, first_block_inputs
 from .config import QuantConfig
 from .distributed import Comm
@@ -242,6 +243,7 @@ def quantize_streamed(
     """
     cfg = config if config is not None else QuantConfig()
     comm = comm if comm is not None else Comm()
+    warn_unused_options(cfg)
     if checkpoint_format not in ("auto",) + gptq.FORMATS:
         raise ValueError(f"checkpoint_format must be 'auto' or one of {gptq.FORMATS}, got {checkpoint_format!r}")
     if dtype not in gptq.SCALE_DTYPES:
@@ -251,7 +253,7 @@ def quantize_streamed(
     src, out = Path(model_dir), Path(out_dir).absolute()
     files = checkpoint._tensor_files(src)
     model = empty_model(src)
-    all_batches = calibration_batches(calib, tokenizer, max_length=max_length)
+    all_batches = calibration_batches(calib, tokenizer, max_length=max_length, vocab_size=vocab_size(model))
     block_path, block_list = find_blocks(model, blocks)
     settings = {"quant": cfg.to_dict(), "skip": sorted(skip), "true_sequential": true_sequential,
                 "blocks": block_path, "format": checkpoint_format, "dtype": str(dtype)}
@@ -305,6 +307,7 @@ def quantize_streamed(
             bar.close()
     _spill_path(out, comm).unlink(missing_ok=True)
     report.seconds = time.perf_counter() - start
+    warn_after_run(report.layers, cfg)
     return report
 
 
