@@ -3,10 +3,14 @@ zero-point decision, atomic writes, and a loader that turns every malformed file
 ValueError (named cases and a fuzz run)."""
 
 import json
+import os
+import re
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -251,8 +255,66 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "precious.txt").write_text("x")
-    with pytest.raises(ValueError, match="not a checkpoint; refusing to replace it"):
+    with pytest.raises(ValueError, match="lrgptq did not write it; refusing to replace it"):
         lrgptq.save(model, report, tmp_path / "data")
+
+
+def _snapshot(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_save_never_replaces_a_directory_it_did_not_write(tmp_path):
+    model, report, _ = quantized(route="rtn")
+    hf = tmp_path / "hf-model"  # what every Hugging Face model directory looks like: config.json + weights
+    model.save_pretrained(hf)
+    (hf / "README.md").write_text("my notes")
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "data.csv").write_text("1,2")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for target, message in ((hf, r"a model directory \(it has config\.json\) but no lrgptq\.json"),
+                            (user, r"holds 1 files or directories but no lrgptq\.json.*new or empty directory"),
+                            (a_file, r"is not a directory")):
+        before = _snapshot(target) if target.is_dir() else target.read_bytes()
+        with pytest.raises(ValueError, match=message):
+            lrgptq.save(model, report, target)
+        assert (_snapshot(target) if target.is_dir() else target.read_bytes()) == before, target
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "hf-model", "user"]  # no temporary left
+
+
+def test_save_replaces_only_its_own_files(tmp_path):
+    model, report, _ = quantized(route="rtn")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    lrgptq.save(model, report, empty)  # an empty directory is fine
+    marker = json.loads((empty / "lrgptq.json").read_text())
+    assert marker["written_by"] == "lrgptq"
+    assert sorted(marker["files"]) == sorted(p.name for p in empty.iterdir() if p.name != "lrgptq.json")
+    lrgptq.save(model, report, empty, dtype=torch.float32)  # its own checkpoint: replaced
+    (empty / "notes.txt").write_text("mine")  # a file the user added since
+    with pytest.raises(ValueError, match=r"files that save did not write \(notes\.txt\).*move them out"):
+        lrgptq.save(model, report, empty)
+    assert (empty / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoint_gets_the_umask_like_any_writer(tmp_path, umask):
+    from lrgptq.streaming import quantize_streamed
+
+    model, report, ids = quantized(route="rtn")
+    model.save_pretrained(tmp_path / "model")
+    old = os.umask(umask)
+    try:
+        lrgptq.save(model, report, tmp_path / "ckpt")
+        quantize_streamed(tmp_path / "model", ids, tmp_path / "streamed", lrgptq.QuantConfig(route="rtn"),
+                          progress=False)
+    finally:
+        os.umask(old)
+    for out in ("ckpt", "streamed"):
+        assert stat.S_IMODE((tmp_path / out).stat().st_mode) == 0o777 & ~umask, out
+        for p in (tmp_path / out).iterdir():
+            assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, f"{out}/{p.name}"
 
 
 def test_a_killed_save_leaves_no_complete_looking_checkpoint(tmp_path):
@@ -359,6 +421,22 @@ MALFORMED = {
         lambda r: (r / "model.safetensors.index.json").write_text(
             json.dumps({"weight_map": {"a": "nope.safetensors"}})),
         r"names 'nope\.safetensors', which is not a file"),
+    "nan in a norm weight": (_edit_tensors(lambda t: t["model.norm.weight"].__setitem__(3, float("nan"))),
+                             r"model\.safetensors: model\.norm\.weight holds 1 NaN or Inf"),
+    "inf in the embedding": (_edit_tensors(lambda t: t["model.embed_tokens.weight"].__setitem__((0, 0), float("inf"))),
+                             r"model\.embed_tokens\.weight holds 1 NaN or Inf"),
+    "zero scale": (_edit_tensors(lambda t: t[f"{Q}.scales"].__setitem__((0, 1), 0.0)),
+                   rf"{Q}\.scales holds scales <= 0 \(smallest 0\)"),
+    "negative scale": (_edit_tensors(lambda t: t[f"{Q}.scales"].__setitem__((0, 1), -0.5)),
+                       rf"{Q}\.scales holds scales <= 0 \(smallest -0\.5\)"),
+    "scale that overflows": (_edit_tensors(lambda t: t.__setitem__(f"{Q}.scales", t[f"{Q}.scales"].float().index_fill_(
+        1, torch.tensor([0]), 3e38))), rf"{Q}\.scales holds a scale \(3e\+38\) whose weights .* overflow float32"),
+    "config nested too deep": (lambda r: (r / "config.json").write_text("[" * 100_000), r"not readable JSON"),
+    "config too large": (lambda r: os.truncate(r / "config.json", 65 * 2**20), r"more than the 67108864"),
+    "index of a million layers": (
+        lambda r: (r / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {f"l.{i}.qweight": "model.safetensors" for i in range(1_000_001)}})),
+        r"1000001 tensors, more than the 1000000 \(MAX_TENSORS\)"),
     "index escapes the directory": (
         lambda r: (r / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../x"}})),
         r"not a file in"),
@@ -379,6 +457,42 @@ def test_malformed_checkpoint_names_what_is_wrong(pristine, tmp_path, case):
         return
     with pytest.raises(ValueError, match=message):
         lrgptq.load(root)
+
+
+def _load_within(root, seconds):
+    """lrgptq.load(root) in a thread: what it raised, or a failure if it is still blocked after
+    ``seconds`` (a reader stuck on a FIFO never returns)."""
+    out = {}
+
+    def run():
+        try:
+            lrgptq.load(root)
+            out["result"] = "loaded"
+        except Exception as err:  # noqa: BLE001  (handed to the test)
+            out["result"] = err
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        pytest.fail(f"lrgptq.load({root}) still blocked after {seconds} s")
+    return out["result"]
+
+
+@pytest.mark.parametrize("name", ["config.json", "quantize_config.json", "model.safetensors"])
+@pytest.mark.parametrize("kind", ["fifo", "link to /dev/urandom", "directory"])
+def test_only_regular_files_are_read(pristine, tmp_path, name, kind):
+    root = tmp_path / "ckpt"
+    shutil.copytree(pristine[0], root)
+    (root / name).unlink()
+    if kind == "fifo":
+        os.mkfifo(root / name)
+    elif kind == "directory":
+        (root / name).mkdir()
+    else:
+        (root / name).symlink_to("/dev/urandom")
+    err = _load_within(root, 20)
+    assert isinstance(err, ValueError) and re.search(rf"{re.escape(name)}: not a regular file", str(err)), err
 
 
 def _mutations(gen, root):

@@ -128,7 +128,7 @@ def test_resuming_with_other_settings_is_refused(tmp_path, gen):
                                     progress=False)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not an empty directory"):
+    with pytest.raises(ValueError, match="lrgptq did not write it; refusing to write a streamed checkpoint there"):
         streaming.quantize_streamed(src, ids, tmp_path / "other", lrgptq.QuantConfig(group_size=32), progress=False)
 
 

@@ -1,16 +1,24 @@
-"""Calibration data: strings, token tensors or loaders in; a list of model-ready batches out."""
+"""Calibration data: strings, token tensors or loaders in; a list of model-ready batches out,
+checked before any block runs (an empty, mistyped or out-of-vocabulary input is refused here
+with the argument named, not found as an IndexError deep inside the model)."""
 
 from __future__ import annotations
 
 from typing import Any, Iterable, List, Optional, Union
 
 import torch
+from torch import nn
 
 Calib = Union[str, List[str], torch.Tensor, Iterable[Any]]
+TOKEN_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+FORMS = "a LongTensor of token ids (N, L), a list of strings with tokenizer=, or an iterable of such tensors " \
+        "or of dicts with input_ids"
 
 
 def text_windows(text: str, tokenizer: Any, n: int, length: int, seed: int = 0) -> torch.Tensor:
     """``n`` random windows of ``length`` tokens from ``text`` (reproducible with ``seed``)."""
+    if n < 1 or length < 1:
+        raise ValueError(f"text_windows needs n >= 1 windows of length >= 1 tokens, got n={n}, length={length}")
     ids = torch.tensor(tokenizer(text, return_tensors=None)["input_ids"], dtype=torch.long)
     if ids.numel() <= length:
         raise ValueError(f"the text has {ids.numel()} tokens: too few for windows of {length}")
@@ -19,43 +27,97 @@ def text_windows(text: str, tokenizer: Any, n: int, length: int, seed: int = 0) 
     return torch.stack([ids[s : s + length] for s in starts.tolist()])
 
 
+def vocab_size(model: nn.Module) -> Optional[int]:
+    """Rows of ``model``'s input embedding (the token ids it can take), None if it has none."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except NotImplementedError:
+        emb = None
+    return getattr(emb, "num_embeddings", None)
+
+
+def _token_ids(t: Any, where: str) -> torch.Tensor:
+    """``t`` as int64 token ids (N, L) with N, L >= 1; ValueError naming ``where`` otherwise."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{where} must be a tensor of token ids, got {type(t).__name__}")
+    if t.dtype not in TOKEN_DTYPES:
+        raise ValueError(f"{where} must hold integer token ids (int64), got {t.dtype}: pass the tokenizer's "
+                         "input_ids, not embeddings or floats")
+    if t.dim() == 0:
+        raise ValueError(f"{where} is a single number; token ids are (N, L) or (L,)")
+    if t.numel() == 0:
+        raise ValueError(f"{where} has shape {tuple(t.shape)}: no tokens (it needs N >= 1 samples of L >= 1 tokens)")
+    return t.long().reshape(-1, t.shape[-1])
+
+
+def _check_vocab(ids: torch.Tensor, vocab: int, where: str) -> None:
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{where} holds token id {bad}, outside the model's vocabulary of {vocab} "
+                         f"(ids 0..{vocab - 1}): was it tokenized with this model's tokenizer?")
+
+
 def calibration_batches(
-    calib: Calib, tokenizer: Optional[Any] = None, max_length: int = 2048, batch_size: int = 1
+    calib: Calib,
+    tokenizer: Optional[Any] = None,
+    max_length: int = 2048,
+    batch_size: int = 1,
+    vocab_size: Optional[int] = None,
 ) -> List[Any]:
     """Normalises ``calib`` into a list of batches the model can be called with.
 
     Accepts a list of strings (needs ``tokenizer``; each string is one sample, cut at
     ``max_length`` tokens), a LongTensor of token ids (N, L) or (L,), or any iterable (a
-    DataLoader) of such tensors or of dicts holding ``input_ids``.
+    DataLoader) of such tensors or of dicts holding ``input_ids``. Refused with ValueError naming
+    ``calib``: None, nothing in it, no tokens (shape (0, L) or (N, 0), empty strings), ids that
+    are not integers, and ids outside ``0..vocab_size - 1`` when ``vocab_size`` is given.
     """
+    if calib is None:
+        raise ValueError(f"calib is None: quantization needs calibration data, {FORMS}")
     if isinstance(calib, str):
         calib = [calib]
     if isinstance(calib, torch.Tensor):
-        if calib.dtype not in (torch.long, torch.int, torch.int32):
-            raise ValueError(f"calibration tensor must hold token ids (int64), got {calib.dtype}")
-        ids = calib.long().reshape(-1, calib.shape[-1])
-        return [ids[i : i + batch_size] for i in range(0, ids.shape[0], batch_size)]
-    items = list(calib)
-    if not items:
-        raise ValueError("calibration data is empty")
+        ids = _token_ids(calib, "calib")
+        out: List[Any] = [ids[i : i + batch_size] for i in range(0, ids.shape[0], batch_size)]
+    else:
+        try:
+            items = list(calib)
+        except TypeError as err:
+            raise ValueError(f"calib is a {type(calib).__name__}; it must be {FORMS}") from err
+        if not items:
+            raise ValueError(f"calib is empty: it must hold at least one sample ({FORMS})")
+        out = _batches_of(items, tokenizer, max_length)
+    if vocab_size is not None:
+        for i, b in enumerate(out):
+            _check_vocab(b["input_ids"] if isinstance(b, dict) else b, vocab_size, f"calib (batch {i})")
+    return out
+
+
+def _batches_of(items: List[Any], tokenizer: Optional[Any], max_length: int) -> List[Any]:
     if all(isinstance(s, str) for s in items):
         if tokenizer is None:
-            raise ValueError("calibration data is text: pass tokenizer= to turn it into tokens")
+            raise ValueError("calib is text: pass tokenizer= to turn it into tokens")
         out = []
         for s in items:
             ids = tokenizer(s, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"]
             if ids.numel():
                 out.append(ids)
+        if not out:
+            raise ValueError(f"calib's {len(items)} strings give no tokens (all empty?)")
         return out
     out = []
-    for item in items:
+    for i, item in enumerate(items):
         if isinstance(item, dict):
             if "input_ids" not in item:
-                raise ValueError("calibration dicts must hold 'input_ids'")
+                raise ValueError(f"calib[{i}] is a dict without 'input_ids'")
             item = {k: v for k, v in item.items() if k in ("input_ids", "attention_mask")}
+            item["input_ids"] = _token_ids(item["input_ids"], f"calib[{i}]['input_ids']")
             out.append(item)
         elif isinstance(item, torch.Tensor):
-            out.append(item.long().reshape(-1, item.shape[-1]))
+            out.append(_token_ids(item, f"calib[{i}]"))
         else:
-            raise ValueError(f"calibration items must be strings, tensors or dicts, got {type(item).__name__}")
+            raise ValueError(f"calib[{i}] is a {type(item).__name__}; calibration items must be strings, tensors "
+                             "or dicts with input_ids")
     return out

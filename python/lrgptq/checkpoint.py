@@ -6,15 +6,27 @@ readers), the tensors in safetensors files (``model.safetensors``, or shards wit
 ``model.safetensors.index.json``) and, when given, the tokenizer's files. What a quantized layer
 becomes on disk is the layout's business (``formats/``, chosen by ``quant_method``).
 
+Where ``save`` writes: ``out_dir`` must not exist, or be an empty directory, or be a checkpoint
+lrgptq wrote, recognised by its marker file ``lrgptq.json`` (written by every save; it lists
+the files that save wrote). Anything else is refused with ValueError before any work: a Hugging
+Face model directory (it has a config.json but no marker), a directory of the user's files, or
+an lrgptq checkpoint to which files were added since (they would be deleted). The same rule,
+with the streaming manifest as the marker, guards ``quantize_streamed``'s output (``check_target``).
+
 Writes are atomic: everything goes to a hidden temporary directory beside ``out_dir``, which is
 renamed into place only once complete, so a crash never leaves a complete-looking checkpoint;
-an existing ``out_dir`` (which must be empty or a checkpoint) is replaced only after success, by
-two renames (a directory cannot be swapped in one): a crash between them leaves no ``out_dir``
-and the old checkpoint intact in a hidden ``.<name>.old-*`` directory beside it.
+an existing ``out_dir`` is replaced only after success, by two renames (a directory cannot be
+swapped in one): a crash between them leaves no ``out_dir`` and the old checkpoint intact in a
+hidden ``.<name>.old-*`` directory beside it. The directory and its files get the mode any
+other writer would give them (0777 and 0666 less the process' umask).
 
 ``load`` checks everything it reads: a malformed checkpoint (unreadable or truncated file,
-missing or unexpected tensor, wrong shape or dtype, a config that disagrees with the tensors)
-raises ValueError naming the file and the tensor, never a crash or a silently wrong model.
+missing or unexpected tensor, wrong shape or dtype, a config that disagrees with the tensors,
+NaN or Inf in any float tensor, scales that are not finite and > 0) raises ValueError naming the
+file and the tensor, never a crash, a hang or a silently wrong model. It opens only regular files
+(a FIFO or a link to a device is refused without reading it) and bounds what it parses: JSON
+files up to ``MAX_JSON_BYTES``, indexes up to ``MAX_TENSORS`` entries, safetensors headers up to
+``MAX_HEADER_BYTES`` (safetensors' own limit).
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -33,9 +46,16 @@ import torch
 from torch import nn
 
 from . import formats
+from .formats.base import check_finite
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+MARKER = "lrgptq.json"  # what save writes into every checkpoint: {"written_by": "lrgptq", "files": [...]}
+# Bounds on what load parses. A transformers config is a few KB; the index of a 1T-parameter
+# MoE (60 layers × 384 experts × 3 linears × 4 tensors) has under 300 000 entries in ~30 MB.
+MAX_JSON_BYTES = 64 * 2**20
+MAX_TENSORS = 1_000_000
+MAX_HEADER_BYTES = 100_000_000
 PathLike = Union[str, os.PathLike]
 
 
@@ -133,11 +153,16 @@ def load(path: PathLike, dtype: Optional[torch.dtype] = None) -> nn.Module:
     if not quantized:
         raise ValueError(f"{root}: no quantized layer in the tensors (no '<layer>.qweight')")
     model = _build(root, config)
+    linears = {name: _quantizable(model, name, files[f"{name}.qweight"]) for name in sorted(quantized)}
+    by_layer: Dict[str, List[str]] = {}
+    for k in files:
+        owner = k.rpartition(".")[0]
+        if owner in quantized:
+            by_layer.setdefault(owner, []).append(k)
     with _Reader(files) as read:
-        for name in sorted(quantized):
-            linear = _quantizable(model, name, files[f"{name}.qweight"])
+        for name, linear in linears.items():
             prefix = name + "."
-            tensors = {k[len(prefix) :]: read(k) for k in files if k.startswith(prefix)}
+            tensors = {k[len(prefix) :]: read(k) for k in by_layer[name]}
             module = layout.load_module(settings, name, linear, tensors, str(files[f"{name}.qweight"]))
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -228,6 +253,7 @@ def save_file_atomic(tensors: Dict[str, torch.Tensor], path: Path) -> None:
 
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
+    _writer_mode(tmp)
     _fsync(tmp)
     os.replace(tmp, path)
 
@@ -255,18 +281,81 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def check_target(out: Path, marker: str, action: str) -> bool:
+    """The rule for a directory lrgptq writes into: ``out`` may not exist or be an empty
+    directory (False), or hold ``marker``, the file lrgptq writes into its own directories (True);
+    anything else raises ValueError saying why and what to do. ``action`` says what would happen
+    there, for the message."""
+    out = Path(out).absolute()
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory; refusing to {action} there: choose a directory path")
+    names = os.listdir(out)
+    if not names:
+        return False
+    if marker in names:
+        return True
+    what = "a model directory (it has config.json)" if "config.json" in names else f"{len(names)} files or directories"
+    raise ValueError(
+        f"{out} holds {what} but no {marker}, so lrgptq did not write it; refusing to {action} there. "
+        "Choose a new or empty directory (a checkpoint of an older lrgptq has no marker: delete it "
+        "yourself if that is what it is)"
+    )
+
+
+def check_save_target(out: Path) -> None:
+    """``check_target`` for ``save``, which also refuses a checkpoint that holds files its marker
+    does not list (the user's, added since: replacing the directory would delete them)."""
+    if not check_target(out, MARKER, "replace it with a checkpoint (which would delete what it holds)"):
+        return
+    marker = _read_json(out / MARKER)
+    listed = marker.get("files")
+    if marker.get("written_by") != "lrgptq" or not isinstance(listed, list):
+        raise ValueError(f"{out / MARKER}: not an lrgptq marker (no written_by/files); refusing to replace {out}")
+    foreign = sorted(set(os.listdir(out)) - set(map(str, listed)) - {MARKER})
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(
+            f"{out} is an lrgptq checkpoint, but holds files that save did not write ({shown}); refusing to "
+            "replace it, which would delete them: move them out, or save to another directory"
+        )
+
+
+def _writer_mode(path: Path) -> None:
+    """Gives ``path`` the mode any writer would (0777 for a directory, 0666 for a file, less the
+    umask): mkdtemp makes directories 0700 and safetensors writes files 0600."""
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~_umask())
+
+
+def _umask() -> int:
+    """The process' umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def _atomic_dir(out_dir: PathLike) -> Iterator[Path]:
-    """A temporary directory beside ``out_dir`` that becomes ``out_dir`` when the block succeeds."""
+    """A temporary directory beside ``out_dir`` that becomes ``out_dir`` when the block succeeds;
+    ``out_dir`` must pass ``check_save_target``, and a marker listing the files is written last."""
     out = Path(out_dir).absolute()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise ValueError(f"{out} is a non-empty directory that is not a checkpoint; refusing to replace it")
+    check_save_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        for p in [tmp, *tmp.rglob("*")]:
+            _writer_mode(p)
+        _write_json(tmp / MARKER, {"written_by": "lrgptq", "files": sorted(os.listdir(tmp))})
         _fsync(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -288,14 +377,45 @@ def _atomic_dir(out_dir: PathLike) -> Iterator[Path]:
 # ----------------------------------------------------------------------------- loading
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
+def regular_file(path: Path, limit: Optional[int] = None) -> int:
+    """The size of ``path``, which must be a regular file (a link to one is fine) of at most
+    ``limit`` bytes; ValueError otherwise. Nothing is read: a FIFO, a device or a socket is refused
+    without opening it for reading (which could block or never end)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
+        st = os.stat(path)
     except FileNotFoundError as err:
         raise ValueError(f"{path}: missing") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not readable JSON ({err})") from err
+    except OSError as err:
+        raise ValueError(f"{path}: cannot stat it ({err})") from err
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path}: not a regular file (a FIFO, device, socket or directory); refusing to read it")
+    if limit is not None and st.st_size > limit:
+        raise ValueError(f"{path}: {st.st_size} bytes, more than the {limit} this reader accepts")
+    return st.st_size
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError as err:
+        raise ValueError(f"{path}: missing") from err
+    except OSError as err:
+        raise ValueError(f"{path}: not readable ({err})") from err
+    st = os.fstat(fd)  # of what was opened: no swap between a check and the read
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ValueError(f"{path}: not a regular file (a FIFO, device, socket or directory); refusing to read it")
+    with os.fdopen(fd, "rb") as f:
+        if st.st_size > MAX_JSON_BYTES:
+            raise ValueError(f"{path}: {st.st_size} bytes, more than the {MAX_JSON_BYTES} (MAX_JSON_BYTES) "
+                             "lrgptq parses as JSON")
+        data = f.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise ValueError(f"{path}: more than the {MAX_JSON_BYTES} bytes (MAX_JSON_BYTES) lrgptq parses as JSON")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not readable JSON ({type(err).__name__}: {err})") from err
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: must hold a JSON object, got {type(obj).__name__}")
     return obj
@@ -306,22 +426,37 @@ def _tensor_files(root: Path) -> Dict[str, Path]:
     from safetensors import safe_open
 
     index = root / INDEX
-    if index.exists():
+    if os.path.lexists(index):
         wm = _read_json(index).get("weight_map")
         if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
             raise ValueError(f"{index}: weight_map must map tensor names to file names")
+        if len(wm) > MAX_TENSORS:
+            raise ValueError(f"{index}: {len(wm)} tensors, more than the {MAX_TENSORS} (MAX_TENSORS) lrgptq loads")
         for fname in set(wm.values()):
             if Path(fname).name != fname or not (root / fname).is_file():
                 raise ValueError(f"{index}: names {fname!r}, which is not a file in {root}")
+            _check_header(root / fname)
         return {k: root / v for k, v in wm.items()}
     single = root / SINGLE
-    if not single.is_file():
+    if not os.path.lexists(single):
         raise ValueError(f"{root}: no {SINGLE} and no {INDEX}")
+    _check_header(single)
     try:
         with safe_open(str(single), framework="pt") as f:
             return {k: single for k in f.keys()}
     except Exception as err:  # safetensors raises its own error types for every kind of damage
         raise ValueError(f"{single}: not a readable safetensors file ({err})") from err
+
+
+def _check_header(path: Path) -> None:
+    """A regular file whose safetensors header length is within ``MAX_HEADER_BYTES``."""
+    size = regular_file(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if n < 0 or n > min(MAX_HEADER_BYTES, size - 8):
+        raise ValueError(f"{path}: not a readable safetensors file (header length {n}; the file has {size} bytes "
+                         f"and lrgptq reads headers up to {MAX_HEADER_BYTES} bytes)")
 
 
 class _Reader:
@@ -410,6 +545,7 @@ def _load_rest(model: nn.Module, tensors: Dict[str, torch.Tensor], quantized: se
             raise ValueError(
                 f"{files[k]}: {k} is {t.dtype} {tuple(t.shape)}, the model needs {want.dtype} {tuple(want.shape)}"
             )
+        check_finite(t, k, str(files[k]))
     model.load_state_dict(tensors, strict=False, assign=True)
     missing = [k for k in expected if k not in tensors]
     if missing and hasattr(model, "tie_weights"):

@@ -1,4 +1,8 @@
-"""The ``lrgptq`` command: quantize, eval and demo."""
+"""The ``lrgptq`` command: quantize, eval and demo.
+
+Every path and option is checked before a model is loaded (preflight.py); errors are one line
+``lrgptq CMD: error: ...`` and exit status 2, warnings one line ``lrgptq CMD: warning: ...``.
+A model directory that holds an lrgptq checkpoint is loaded with ``lrgptq.load``."""
 
 from __future__ import annotations
 
@@ -6,12 +10,13 @@ import argparse
 import json
 import os
 import sys
-import time
+import warnings
 from dataclasses import fields
 from typing import List, Optional
 
 import torch
 
+from . import preflight
 from .config import METHODS, QuantConfig
 
 
@@ -67,16 +72,23 @@ def _tokenizer(path: str, gguf_file: Optional[str] = None):
     from transformers import AutoTokenizer
 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
+    except Exception as err:  # transformers raises many kinds (OSError, ValueError, ImportError, ...)
+        raise ValueError(f"{path}: transformers cannot load its tokenizer ({type(err).__name__}: {err})") from err
 
 
-def _load(path: str, gguf_file: Optional[str]):
+def _model(path: str, gguf_file: Optional[str]):
+    """The model in ``path`` in float32: an lrgptq checkpoint through lrgptq.load, anything else
+    through transformers."""
+    if not gguf_file and preflight.quantized_checkpoint(path):
+        from .checkpoint import load
+
+        return load(path, dtype=torch.float32)
     from transformers import AutoModelForCausalLM
 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = _tokenizer(path, gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kw)
-    return model.eval(), tok
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32, **kw).eval()
 
 
 def _comm(args: argparse.Namespace):
@@ -95,31 +107,64 @@ def _comm(args: argparse.Namespace):
     return Distributed()
 
 
+def _check_quantize(args: argparse.Namespace) -> None:
+    """Every path and option of ``quantize``, before anything is loaded."""
+    preflight.model_dir(args.model, args.gguf_file)
+    if preflight.quantized_checkpoint(args.model):
+        raise ValueError(f"{args.model} is already a quantized checkpoint; quantize the full-precision model")
+    if args.stream and (not args.save or args.gguf_file):
+        raise ValueError("--stream reads the model's safetensors files and writes the checkpoint as it goes: "
+                         "give --save DIR, and a model directory with safetensors (not --gguf-file)")
+    if args.spill and not args.stream:
+        raise ValueError("--spill keeps a streamed run's activations in a file and works only with --stream; "
+                         "add --stream (or drop --spill): without it the run would hold them in memory, "
+                         "which --spill was asked to avoid")
+    preflight.at_least(args.nsamples, "--nsamples", 1, "calibration windows")
+    preflight.at_least(args.seqlen, "--seqlen", 1, "tokens per calibration window")
+    preflight.at_least(args.window, "--window", 2, "a window scores each token after its first")
+    preflight.at_least(args.max_windows, "--max-windows", 1, "perplexity windows")
+    if args.save:
+        preflight.save_dir(args.save, args.model, args.stream)
+    if args.report:
+        preflight.output_file(args.report, "--report")
+    if not args.eval_text and (args.window != 512 or args.max_windows is not None):
+        warnings.warn("--window and --max-windows have no effect without --eval-text")
+
+
+def _eval_ids(tok, text: str, option: str, path: str, window: int) -> torch.Tensor:
+    ids = preflight.tokens(tok, text, option, path)
+    if ids.numel() < window:
+        raise ValueError(f"{option} {path}: {ids.numel()} tokens, fewer than one perplexity window of {window} "
+                         "(--window): give a longer text or a smaller window")
+    return ids
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .calib import text_windows
     from .eval import perplexity
     from .pipeline import quantize_model
 
+    _check_quantize(args)
+    calib_text = preflight.text_file(args.calib, "--calib")
+    eval_text = preflight.text_file(args.eval_text, "--eval-text") if args.eval_text else None
     cfg = _config(args)
     comm = _comm(args)
     say = print if comm.is_writer else (lambda *a, **k: None)
-    if args.stream:
-        if not args.save or args.gguf_file:
-            raise ValueError("--stream reads the model's safetensors files and writes the checkpoint as it goes: "
-                             "give --save DIR, and a model directory with safetensors (not --gguf-file)")
-        from .streaming import quantize_streamed
-
-        tok = _tokenizer(args.model)
-        model = None
-    else:
-        model, tok = _load(args.model, args.gguf_file)
-    with open(args.calib, encoding="utf-8") as f:
-        calib = text_windows(f.read(), tok, args.nsamples, args.seqlen, cfg.seed)
+    tok = _tokenizer(args.model, args.gguf_file)
+    try:
+        calib = text_windows(calib_text, tok, args.nsamples, args.seqlen, cfg.seed)
+    except ValueError as err:
+        raise ValueError(f"--calib {args.calib}: {err} (--seqlen)") from err
+    eval_ids = _eval_ids(tok, eval_text, "--eval-text", args.eval_text, args.window) if eval_text else None
     common = dict(skip=tuple(args.skip), true_sequential=not args.no_true_sequential, comm=comm,
                   progress=comm.is_writer)
     if args.stream:
+        from .streaming import quantize_streamed
+
+        model = None
         report = quantize_streamed(args.model, calib, args.save, cfg, tokenizer=tok, spill=args.spill, **common)
     else:
+        model = _model(args.model, args.gguf_file)
         report = quantize_model(model, calib, cfg, **common)
     say(report.table())
     say(f"quantized {len(report.layers)} layers in {report.seconds:.1f} s")
@@ -129,14 +174,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         save(model, report, args.save, tok)
     if args.save and comm.is_writer:
         say(f"saved the GPTQ checkpoint to {args.save}")
-    if args.eval_text and comm.is_writer:
+    if eval_ids is not None and comm.is_writer:
         if args.stream:
             from .checkpoint import load
 
             model = load(args.save, dtype=torch.float32)
-        with open(args.eval_text, encoding="utf-8") as f:
-            ids = tok(f.read(), return_tensors="pt")["input_ids"]
-        say(f"perplexity (window {args.window}): {perplexity(model, ids, args.window, args.max_windows):.3f}")
+        say(f"perplexity (window {args.window}): {perplexity(model, eval_ids, args.window, args.max_windows):.3f}")
     if args.report and comm.is_writer:
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump({"config": cfg.to_dict(), "layers": report.layers, "seconds": report.seconds}, f, indent=1)
@@ -146,9 +189,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval import perplexity
 
-    model, tok = _load(args.model, args.gguf_file)
-    with open(args.text, encoding="utf-8") as f:
-        ids = tok(f.read(), return_tensors="pt")["input_ids"]
+    preflight.model_dir(args.model, args.gguf_file)
+    preflight.at_least(args.window, "--window", 2, "a window scores each token after its first")
+    preflight.at_least(args.max_windows, "--max-windows", 1, "perplexity windows")
+    text = preflight.text_file(args.text, "--text")
+    tok = _tokenizer(args.model, args.gguf_file)
+    ids = _eval_ids(tok, text, "--text", args.text, args.window)
+    model = _model(args.model, args.gguf_file)
     print(f"perplexity (window {args.window}): {perplexity(model, ids, args.window, args.max_windows):.3f}")
     return 0
 
@@ -211,11 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, RuntimeError, OSError) as err:
-        print(f"lrgptq {args.command}: error: {err}", file=sys.stderr)
-        return 2
+
+    def say_warning(message, category, *_rest, **_kw) -> None:
+        print(f"lrgptq {args.command}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # each warning once, as a line of the command's output
+        warnings.showwarning = say_warning
+        try:
+            return args.func(args)
+        except (ValueError, RuntimeError, OSError) as err:
+            print(f"lrgptq {args.command}: error: {err}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

@@ -22,6 +22,10 @@ def perplexity(
     Every window is scored on its own (no context carried across), as in the GPTQ papers; report
     the window with the number.
     """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(f"window must be an integer >= 2 (a window scores each token after its first), got {window!r}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be >= 1 or None, got {max_windows!r}")
     ids = ids.reshape(-1)
     n = ids.numel() // window
     if max_windows is not None:

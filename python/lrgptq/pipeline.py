@@ -17,7 +17,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from .calib import Calib, calibration_batches
+from .accumulate import Accumulator
+from .advice import warn_after_run, warn_unused_options
+from .calib import Calib, calibration_batches, vocab_size
 from .capture import BlockInput, StopForward, first_block_inputs, in_features, input_hooks
 from .config import QuantConfig
 from .distributed import Comm
@@ -131,7 +133,9 @@ class BlockStep:
                 for n, m in readers.items()
             }
             if not rtn:
-                with input_hooks(readers, lambda n, X: accs[n].add(X), stop_when_all_seen=True) as reset:
+                prefix = f"{self.block_path}.{i}."
+                with input_hooks(readers, lambda n, X: accumulate(accs[n], X, prefix + n),
+                                 stop_when_all_seen=True) as reset:
                     _feed_block(block, inputs, reset)
             factors = {n: comm.factorize(comm.merge(acc), cfg) for n, acc in accs.items()}
             for n, m in modules.items():
@@ -149,6 +153,21 @@ class BlockStep:
                 if self.bar is not None:
                     self.bar.set_postfix_str(f"{n} rank {res.rank} loss {res.loss:.3g}")
         return results
+
+
+def accumulate(acc: Accumulator, X: torch.Tensor, layer: str) -> None:
+    """``acc.add(X)`` for the inputs of ``layer``; NaN or Inf in them is a ValueError that names
+    the block and the layer (the accumulator alone cannot)."""
+    try:
+        acc.add(X)
+    except (RuntimeError, ValueError) as err:
+        if bool(torch.isfinite(X).all()):
+            raise
+        raise ValueError(
+            f"{layer}: the calibration activations reaching this layer hold NaN or Inf (the blocks before it "
+            f"overflowed, or the model's weights hold them): run the model in float32, check its weights, "
+            f"or leave the block out with skip= ({err})"
+        ) from err
 
 
 def next_inputs(block: nn.Module, inputs: List[BlockInput]) -> List[BlockInput]:
@@ -196,12 +215,19 @@ def quantize_model(
     between the processes of a torch.distributed group (every rank calls this with the same
     model and calibration data, and every rank ends with the whole quantized model). The model's
     weights hold the dequantized values afterwards; the codes, scales, zeros and g_idx of each
-    layer are in ``report.results`` for packing.
+    layer are in ``report.results`` for packing, whose ``weight`` is left empty (the module
+    holds it: a second copy of every weight would double the model's memory).
+
+    ``calib`` is checked before the first block (ValueError naming it: empty, not token ids, ids
+    outside the embedding's vocabulary); NaN or Inf reaching a layer names the block and layer.
+    Warnings (once per run): options without effect, no layer quantized, layers with fewer
+    calibration tokens than inputs.
     """
     cfg = config if config is not None else QuantConfig()
     comm = comm if comm is not None else Comm()
+    warn_unused_options(cfg)
     start = time.perf_counter()
-    batches = comm.split(calibration_batches(calib, tokenizer, max_length=max_length))
+    batches = comm.split(calibration_batches(calib, tokenizer, max_length=max_length, vocab_size=vocab_size(model)))
     block_path, block_list = find_blocks(model, blocks)
     report = ModelReport(cfg, true_sequential=true_sequential)
     backups: List[Tuple[nn.Module, torch.Tensor]] = []
@@ -226,6 +252,7 @@ def quantize_model(
         if bar is not None:
             bar.close()
     report.seconds = time.perf_counter() - start
+    warn_after_run(report.layers, cfg)
     return report
 
 

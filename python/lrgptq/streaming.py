@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .calib import Calib, calibration_batches
+from .advice import warn_after_run, warn_unused_options
+from .calib import Calib, calibration_batches, vocab_size
 from .capture import BlockInput, first_block_inputs
 from .config import QuantConfig
 from .distributed import Comm
@@ -154,15 +155,13 @@ def _run_key(model_dir: Path, files: Dict[str, Path], model: nn.Module, batches:
 def _open_manifest(out: Path, key: str, comm: Comm) -> Dict[str, Any]:
     path = out / MANIFEST
     if comm.is_writer:
-        if path.is_file():
+        if checkpoint.check_target(out, MANIFEST, "write a streamed checkpoint"):
             manifest = checkpoint._read_json(path)
             if manifest.get("key") != key:
                 raise ValueError(
                     f"{path}: this directory holds a streamed run of another model, settings or calibration "
                     "data; resume with the same ones, or write to a new directory"
                 )
-        elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ValueError(f"{out} exists and is not an empty directory nor a streamed run; refusing to write there")
         else:
             out.mkdir(parents=True, exist_ok=True)
             checkpoint.write_json_atomic(path, {"version": VERSION, "key": key, "blocks": {}})
@@ -244,6 +243,7 @@ def quantize_streamed(
     """
     cfg = config if config is not None else QuantConfig()
     comm = comm if comm is not None else Comm()
+    warn_unused_options(cfg)
     if checkpoint_format not in ("auto",) + gptq.FORMATS:
         raise ValueError(f"checkpoint_format must be 'auto' or one of {gptq.FORMATS}, got {checkpoint_format!r}")
     if dtype not in gptq.SCALE_DTYPES:
@@ -253,7 +253,7 @@ def quantize_streamed(
     src, out = Path(model_dir), Path(out_dir).absolute()
     files = checkpoint._tensor_files(src)
     model = empty_model(src)
-    all_batches = calibration_batches(calib, tokenizer, max_length=max_length)
+    all_batches = calibration_batches(calib, tokenizer, max_length=max_length, vocab_size=vocab_size(model))
     block_path, block_list = find_blocks(model, blocks)
     settings = {"quant": cfg.to_dict(), "skip": sorted(skip), "true_sequential": true_sequential,
                 "blocks": block_path, "format": checkpoint_format, "dtype": str(dtype)}
@@ -307,6 +307,7 @@ def quantize_streamed(
             bar.close()
     _spill_path(out, comm).unlink(missing_ok=True)
     report.seconds = time.perf_counter() - start
+    warn_after_run(report.layers, cfg)
     return report
 
 

@@ -35,7 +35,7 @@ from ..models import is_linear, weight_matrix
 from ..limits import LAYOUT_BITS, sequential_g_idx
 from ..nn import QuantLinear, ZERO_OFFSETS
 from .. import ops
-from .base import Prepared
+from .base import Prepared, check_finite, check_scales
 
 QUANT_METHOD = "gptq"
 FORMATS = tuple(ZERO_OFFSETS)  # "gptq" (v1: stores z − 1), "gptq_v2" (stores z)
@@ -244,7 +244,7 @@ def load_module(
 
 def _check_values(m: QuantLinear, s: Settings, name: str, where: str) -> None:
     """What shapes cannot show: g_idx in range and as desc_act says, zero points as the format
-    and sym say, finite scales."""
+    and sym say, scales finite, > 0 and without overflow, a finite bias."""
     G = m.scales.shape[0]
     g = m.g_idx
     if g.numel() and (int(g.min()) < 0 or int(g.max()) >= G):
@@ -255,9 +255,10 @@ def _check_values(m: QuantLinear, s: Settings, name: str, where: str) -> None:
                 f"{where}: quantization_config.desc_act is false but {name}.g_idx is not i // group_size "
                 "(an act-order layer): readers that trust desc_act would compute wrong weights"
             )
-    if not bool(torch.isfinite(m.scales).all()):
-        raise ValueError(f"{where}: {name}.scales holds NaN or Inf")
     maxq = (1 << s.bits) - 1
+    check_scales(m.scales, maxq, f"{name}.scales", where)
+    if m.bias is not None:
+        check_finite(m.bias, f"{name}.bias", where)
     stored = ops.unpack_bits(m.qzeros, s.bits, 1, m.out_features)
     if m.zero_offset == 1 and bool((stored == maxq).any()):
         raise ValueError(

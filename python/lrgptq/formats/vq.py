@@ -25,7 +25,7 @@ from torch import nn
 from ..limits import VQ_DIMS, vq_bits_ok, vq_bits_rule
 from ..models import weight_matrix
 from ..nn_vq import VQLinear
-from .base import Prepared
+from .base import Prepared, check_finite, check_scales
 from .gptq import _blocks, _linear, _version
 
 QUANT_METHOD = "gptvq"
@@ -123,7 +123,10 @@ def load_module(settings: Settings, name: str, linear: nn.Module, tensors: Dict[
         m._buffers[key] = t.contiguous()
     if ordered and not torch.equal(torch.sort(m.perm.long()).values, torch.arange(in_f)):
         raise ValueError(f"{where}: {name}.perm is not a permutation of 0..{in_f - 1}")
-    if not bool(torch.isfinite(m.codebook_scales).all()) or bool((m.codebooks == -128).any()):
-        raise ValueError(f"{where}: {name}'s codebooks hold -128 or non-finite scales (int8 values are in -127..127)")
+    if bool((m.codebooks == -128).any()):
+        raise ValueError(f"{where}: {name}'s codebooks hold -128 (int8 values are in -127..127)")
+    check_scales(m.codebook_scales, 127, f"{name}.codebook_scales", where)
+    if has_bias:
+        check_finite(m.bias, f"{name}.bias", where)
     m.unpack()
     return m
