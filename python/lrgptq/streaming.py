@@ -48,7 +48,7 @@ from .formats import gptq
 from .linear import QuantResult
 from .models import find_blocks, set_weight_matrix
 from .nn import QuantLinear
-from .pipeline import BlockStep, ModelReport, _progress, eval_mode, next_inputs
+from .pipeline import BlockStep, ModelReport, eval_mode, next_inputs, progress_bar
 from . import ops
 
 MANIFEST = "lrgptq-stream.json"
@@ -262,7 +262,7 @@ def quantize_streamed(
     manifest = _open_manifest(out, key, comm)
     done: Dict[str, Any] = manifest["blocks"]
     report = ModelReport(cfg, true_sequential=true_sequential)
-    bar = _progress(len(block_list), progress and comm.is_writer)
+    bar = progress_bar(len(block_list), progress and comm.is_writer)
     step = BlockStep(cfg, block_path, report, tuple(skip), true_sequential, comm, None, bar)
     rtn = cfg.route == "rtn"
     first = 0
