@@ -129,3 +129,40 @@ def test_two_gloo_processes_match_one_process(tmp_path, gen):
         for key in ("loss", "clip_rate", "babai_slack_max", "bpw"):
             if key in ref.report:
                 assert report[key] == pytest.approx(ref.report[key], rel=1e-12), f"odd {kind}: report {key}"
+
+
+STREAMED = {"gram": CONFIGS["gram"], "vq": CONFIGS["vq"]}
+
+
+def _stream_worker(rank: int, world: int, port: int, src: str, ids: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    from lrgptq.distributed import Distributed
+    from lrgptq.streaming import quantize_streamed
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for kind, cfg in STREAMED.items():
+            quantize_streamed(src, ids, f"{out}/{kind}", lrgptq.QuantConfig(**cfg), dtype=torch.float32,
+                              progress=False, comm=Distributed())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_stream_the_same_checkpoint_as_one(tmp_path, gen):
+    # The streamed path: rank 0 writes every file, every rank packs (the next block needs the
+    # stored weights), the rows of each layer are split and gathered; GPTQ and GPTVQ.
+    import torch.multiprocessing as mp
+    from lrgptq.streaming import quantize_streamed
+    from test_streaming import assert_same_files
+
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    ARCHS["llama"]().eval().save_pretrained(tmp_path / "src")
+    ids = torch.randint(0, VOCAB, (5, 24), generator=gen)
+    mp.spawn(_stream_worker, args=(2, _free_port(), str(tmp_path / "src"), ids, str(tmp_path / "two")), nprocs=2,
+             join=True)
+    for kind, cfg in STREAMED.items():
+        quantize_streamed(tmp_path / "src", ids, tmp_path / "one" / kind, lrgptq.QuantConfig(**cfg),
+                          dtype=torch.float32, progress=False)
+        assert_same_files(tmp_path / "two" / kind, tmp_path / "one" / kind)
