@@ -244,7 +244,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     def boom(path, obj):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lrgptq.checkpoint, "_write_json", boom)
+    monkeypatch.setattr(lrgptq.writer, "write_json_atomic", boom)
     with pytest.raises(OSError, match="disk full"):
         lrgptq.save(model, report, out, dtype=torch.float32)
     monkeypatch.undo()
@@ -322,12 +322,12 @@ def test_a_killed_save_leaves_no_complete_looking_checkpoint(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        import lrgptq, lrgptq.checkpoint as ck
+        import lrgptq, lrgptq.writer as ck
         from tiny_models import ARCHS, VOCAB
         model = ARCHS["llama"]().eval()
         report = lrgptq.quantize_model(model, torch.randint(0, VOCAB, (1, 8)),
                                        lrgptq.QuantConfig(route="rtn"), progress=False)
-        ck._write_json = lambda path, obj: os._exit(3)
+        ck.write_json_atomic = lambda path, obj: os._exit(3)
         lrgptq.save(model, report, {str(tmp_path / "ckpt")!r})
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file  # noqa: E402
 from tiny_models import ARCHS, VOCAB  # noqa: E402
 
 GPTQ = dict(route="cholesky", accumulator="gram", order="identity")
+VQ = dict(vq_dim=2, bits=2, vq_group_cols=16, vq_group_rows=8)  # GPTVQ, in the gptvq layout
 
 
 def saved(arch, tmp_path, gen, dtype=torch.float32):
@@ -51,7 +52,7 @@ def assert_same_files(a: Path, b: Path) -> None:
             assert fa[k] == fb[k], k
 
 
-@pytest.mark.parametrize("arch,cfg", [("llama", {}), ("gpt2", GPTQ)])  # gpt2: Conv1D, tied lm_head
+@pytest.mark.parametrize("arch,cfg", [("llama", {}), ("gpt2", GPTQ), ("llama", VQ)])  # gpt2: Conv1D, tied lm_head
 def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, gen, arch, cfg):
     model, src = saved(arch, tmp_path, gen)
     ids = torch.randint(0, VOCAB, (4, 32), generator=gen)
@@ -115,6 +116,43 @@ def test_a_fault_after_block_k_resumes_from_the_spilled_activations(tmp_path, ge
     streaming.quantize_streamed(src, ids, tmp_path / "once", qc, progress=False)
     assert_same_files(tmp_path / "out", tmp_path / "once")
     assert not list((tmp_path / "out").glob("activations-*"))
+
+
+def test_a_killed_gptvq_run_resumes_to_the_same_files(tmp_path, gen):
+    # Without a spill file the resumed run recomputes block 1's inputs from block 0's file, read
+    # back through the gptvq layout.
+    _, src = saved("llama", tmp_path, gen)
+    ids = torch.randint(0, VOCAB, (4, 32), generator=gen)
+    qc = lrgptq.QuantConfig(**VQ)
+
+    def fault(i):
+        if i == 0:
+            raise KeyboardInterrupt("injected after block 0")
+
+    with pytest.raises(KeyboardInterrupt):
+        streaming.quantize_streamed(src, ids, tmp_path / "out", qc, progress=False, on_block=fault)
+    seen = []
+    streaming.quantize_streamed(src, ids, tmp_path / "out", qc, progress=False, on_block=seen.append)
+    assert seen == [1]
+    streaming.quantize_streamed(src, ids, tmp_path / "once", qc, progress=False)
+    assert_same_files(tmp_path / "out", tmp_path / "once")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "gptvq"
+
+
+def test_cli_streams_a_gptvq_quantization(tmp_path, gen, monkeypatch):
+    from lrgptq import cli
+    from test_cli import CALIB, CharTokenizer
+
+    _, src = saved("llama", tmp_path, gen)
+    monkeypatch.setattr(cli, "_tokenizer", lambda path, gguf_file=None: CharTokenizer())
+    (tmp_path / "calib.txt").write_text(CALIB)
+    rc = cli.main(["quantize", str(src), "--calib", str(tmp_path / "calib.txt"), "--nsamples", "4", "--seqlen", "32",
+                   "--bits", "2", "--vq-dim", "2", "--vq-group-cols", "16", "--vq-group-rows", "8", "--stream",
+                   "--save", str(tmp_path / "out")])
+    assert rc == 0
+    loaded = lrgptq.load(tmp_path / "out", dtype=torch.float32)
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, lrgptq.VQLinear)
 
 
 def test_resuming_with_other_settings_is_refused(tmp_path, gen):

@@ -4,7 +4,8 @@ A checkpoint is a directory: ``config.json`` (the model's transformers config wi
 ``quantization_config`` block), ``quantize_config.json`` (the same block, for AutoGPTQ-style
 readers), the tensors in safetensors files (``model.safetensors``, or shards with
 ``model.safetensors.index.json``) and, when given, the tokenizer's files. What a quantized layer
-becomes on disk is the layout's business (``formats/``, chosen by ``quant_method``).
+becomes on disk is the layout's business (``formats/``, chosen by ``quant_method``); the files
+are written by :class:`lrgptq.writer.CheckpointWriter`, which streamed runs use too.
 
 Where ``save`` writes: ``out_dir`` must not exist, or be an empty directory, or be a checkpoint
 lrgptq wrote, recognised by its marker file ``lrgptq.json`` (written by every save; it lists
@@ -37,19 +38,18 @@ import os
 import shutil
 import stat
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 import torch
 from torch import nn
 
 from . import formats
 from .formats.base import check_finite
+from .writer import INDEX, SINGLE, CheckpointWriter, write_json_atomic, write_shards, writer_mode
+from .writer import fsync as _fsync
 
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 MARKER = "lrgptq.json"  # what save writes into every checkpoint: {"written_by": "lrgptq", "files": [...]}
 # Bounds on what load parses. A transformers config is a few KB; the index of a 1T-parameter
 # MoE (60 layers × 384 experts × 3 linears × 4 tensors) has under 300 000 entries in ~30 MB.
@@ -96,35 +96,17 @@ def save(
         raise ValueError("lrgptq.save needs a transformers model (with .config); got " + type(model).__name__)
     if not isinstance(max_shard_size, int) or max_shard_size < 1:
         raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
-    prepared = formats.for_config(report.config).prepare(model, report, checkpoint_format, dtype)
-    tensors = _tensors_to_save(model, prepared.modules, dtype)
-    cfg = model_config(model, dtype, prepared.quantization_config)
+    check_save_target(Path(out_dir).absolute())  # before any work; _atomic_dir checks again
+    writer = CheckpointWriter(model, report.config, checkpoint_format=checkpoint_format, dtype=dtype,
+                              true_sequential=getattr(report, "true_sequential", True))
+    part = writer.pack(report.results, report.layers)
+    qc = writer.quantization_config(report.layers, part.info)
     with _atomic_dir(out_dir) as tmp:
-        files = _write_shards(tensors, tmp, max_shard_size)
-        _write_json(tmp / "config.json", cfg)
-        _write_json(tmp / "quantize_config.json", prepared.quantization_config)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-    fmt, zero = prepared.info["checkpoint_format"], prepared.info["zero_point_layers"]
-    if zero and checkpoint_format == "auto":
-        warnings.warn(
-            f"{len(zero)} layers have asymmetric zero points equal to 0, which GPTQ v1 cannot store: "
-            f"wrote checkpoint_format 'gptq_v2' (read by GPTQModel and lrgptq). First: {next(iter(zero))}",
-            stacklevel=2,
-        )
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
-    return Saved(Path(out_dir).absolute(), fmt, files, size, zero)
-
-
-def model_config(model: nn.Module, dtype: torch.dtype, quantization_config: Dict[str, Any]) -> Dict[str, Any]:
-    """config.json's content: the model's transformers config, its dtype, the quantization block."""
-    cfg = model.config.to_dict()
-    cfg["architectures"] = cfg.get("architectures") or [type(model).__name__]
-    for key in ("dtype", "torch_dtype"):  # transformers 5 reads "dtype", 4.x "torch_dtype"
-        if key == "dtype" or key in cfg:
-            cfg[key] = str(dtype).replace("torch.", "")
-    cfg["quantization_config"] = quantization_config
-    return cfg
+        files = write_shards(part.tensors, tmp, max_shard_size)
+        writer.write_configs(tmp, qc, tokenizer)
+    writer.warn(part.info)
+    return Saved(Path(out_dir).absolute(), part.info["checkpoint_format"], files, part.bytes,
+                 part.info["zero_point_layers"])
 
 
 def load(path: PathLike, dtype: Optional[torch.dtype] = None) -> nn.Module:
@@ -178,109 +160,6 @@ def load(path: PathLike, dtype: Optional[torch.dtype] = None) -> nn.Module:
 # ----------------------------------------------------------------------------- saving
 
 
-def _tensors_to_save(
-    model: nn.Module,
-    packed: Dict[str, nn.Module],
-    dtype: torch.dtype,
-    include: Optional[Callable[[str], bool]] = None,
-) -> Dict[str, torch.Tensor]:
-    """The model's state less the quantized layers' float weights (the rest cast to ``dtype``),
-    plus their packed tensors. A tied parameter (e.g. lm_head = embed_tokens) is written once;
-    loaders re-tie it. ``include``: which state-dict keys to consider (default all)."""
-    out: Dict[str, torch.Tensor] = {}
-    seen = set()
-    for key, t in model.state_dict().items():
-        if key.rpartition(".")[0] in packed or (include is not None and not include(key)):
-            continue
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-        if ident in seen:
-            continue
-        seen.add(ident)
-        out[key] = cast_checked(key, t.detach().cpu(), dtype)
-    for name, module in packed.items():
-        for key, t in module.state_dict().items():
-            out[f"{name}.{key}"] = t.contiguous()
-    # safetensors refuses tensors that share memory; copy any that still do (views of one buffer).
-    owners: Dict[int, str] = {}
-    for key, t in out.items():
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in owners and t.numel():
-            out[key] = t.clone()
-        owners.setdefault(ptr, key)
-    return out
-
-
-def cast_checked(key: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A float tensor cast to the checkpoint's ``dtype`` (ValueError if that overflows), others as is."""
-    if t.is_floating_point() and t.dtype != dtype:
-        cast = t.to(dtype)
-        if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(t).all()):
-            raise ValueError(f"{key} overflows {dtype}; save with dtype=torch.float32 (or bfloat16)")
-        t = cast
-    return t.contiguous()
-
-
-def _write_shards(tensors: Dict[str, torch.Tensor], root: Path, max_bytes: int) -> List[str]:
-    from safetensors.torch import save_file
-
-    shards: List[List[str]] = [[]]
-    size = 0
-    for key, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += n
-    if len(shards) == 1:
-        names = [SINGLE]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for fname, keys in zip(names, shards):
-        save_file({k: tensors[k] for k in keys}, str(root / fname), metadata={"format": "pt"})
-        _fsync(root / fname)
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map = {k: fname for fname, keys in zip(names, shards) for k in keys}
-        _write_json(root / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        names.append(INDEX)
-    return names
-
-
-def save_file_atomic(tensors: Dict[str, torch.Tensor], path: Path) -> None:
-    """Writes a safetensors file under a temporary name, syncs it, then renames it into place."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    _writer_mode(tmp)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """``_write_json`` under a temporary name, then renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    _write_json(tmp, obj)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def check_target(out: Path, marker: str, action: str) -> bool:
     """The rule for a directory lrgptq writes into: ``out`` may not exist or be an empty
     directory (False), or hold ``marker``, the file lrgptq writes into its own directories (True);
@@ -322,27 +201,6 @@ def check_save_target(out: Path) -> None:
         )
 
 
-def _writer_mode(path: Path) -> None:
-    """Gives ``path`` the mode any writer would (0777 for a directory, 0666 for a file, less the
-    umask): mkdtemp makes directories 0700 and safetensors writes files 0600."""
-    base = 0o777 if path.is_dir() else 0o666
-    os.chmod(path, base & ~_umask())
-
-
-def _umask() -> int:
-    """The process' umask (read without changing it where /proc allows)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 @contextlib.contextmanager
 def _atomic_dir(out_dir: PathLike) -> Iterator[Path]:
     """A temporary directory beside ``out_dir`` that becomes ``out_dir`` when the block succeeds;
@@ -354,8 +212,8 @@ def _atomic_dir(out_dir: PathLike) -> Iterator[Path]:
     try:
         yield tmp
         for p in [tmp, *tmp.rglob("*")]:
-            _writer_mode(p)
-        _write_json(tmp / MARKER, {"written_by": "lrgptq", "files": sorted(os.listdir(tmp))})
+            writer_mode(p)
+        write_json_atomic(tmp / MARKER, {"written_by": "lrgptq", "files": sorted(os.listdir(tmp))})
         _fsync(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -555,3 +413,10 @@ def _load_rest(model: nn.Module, tensors: Dict[str, torch.Tensor], quantized: se
     for k in list(tensors) + missing:
         if now[k].data_ptr() not in loaded:
             raise ValueError(f"tensor {k} is missing from the checkpoint's files and is not tied to one there")
+
+
+# What a streamed run (streaming.py) reads with: the model's files, as ``load`` reads them.
+read_json = _read_json
+tensor_files = _tensor_files
+TensorReader = _Reader
+no_init = _no_init

@@ -1,7 +1,11 @@
-"""Spreading one quantization over processes with torch.distributed (gloo on CPU, NCCL on GPU).
+"""Communication between the processes of one quantization (torch.distributed: gloo on CPU,
+NCCL on GPU), and nothing else: the algorithm that uses it is in linear.py
+(``factorize_shared``, ``quantize_shared``) and pipeline.py.
 
 The pipeline talks to a :class:`Comm`; :class:`Comm` itself is the single-process case (every
-method is the identity) and :class:`Distributed` the torch.distributed one:
+method is the identity) and :class:`Distributed` the torch.distributed one. What they offer:
+split the calibration batches, merge accumulators, broadcast an object from rank 0, gather the
+row pieces of a tensor, barrier. How the pipeline uses them:
 
 - calibration batches are split into contiguous runs, one per rank; each rank feeds its own
   accumulator, with the sketch's token counter starting at the global index of its first token
@@ -9,8 +13,10 @@ method is the identity) and :class:`Distributed` the torch.distributed one:
 - accumulators merge exactly: H and Y by an all-reduce sum, R by a binary tree of QR merges
   (R ← R-factor of [R_a; R_b], which keeps RᵀR = R_aᵀR_a + R_bᵀR_b);
 - the factor (perm, U) is computed once, on rank 0, and broadcast;
-- the rows of W are split across ranks for the engine (rows are independent given U, docs/design.md §1)
-  and all-gathered, so every rank ends with the whole layer.
+- the rows of W are split across ranks for the engine (rows are independent given U,
+  docs/design.md §1; a split respects the result's ``row_unit``: GPTVQ's codebooks are shared by
+  ``vq_group_rows`` rows) and every per-row tensor of the result protocol is all-gathered, so
+  every rank ends with the whole layer.
 
 What differs from one process is the order of floating-point sums (H, Y, R); see
 docs/benchmarks.md ("issue 6") for the measured differences.
@@ -22,10 +28,8 @@ from typing import Any, List, Optional
 
 import torch
 
-from .accumulate import Accumulator
-from .config import QuantConfig
-from .linear import Factor, QuantResult, factorize, quantize_linear
 from . import ops
+from .accumulate import Accumulator
 
 
 def _tokens(batch: Any) -> int:
@@ -48,18 +52,18 @@ class Comm:
     def split(self, batches: List[Any]) -> List[Any]:
         return batches
 
-    def agree(self, value: Any) -> Any:
-        """Rank 0's ``value`` on every rank (decisions taken from data that differ per rank)."""
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a factor, or decisions taken from data that differ per rank)."""
         return value
 
     def merge(self, acc: Accumulator) -> Accumulator:
+        """Every rank's accumulator merged into rank 0's."""
         return acc
 
-    def factorize(self, acc: Accumulator, config: QuantConfig) -> Factor:
-        return factorize(acc, config)
-
-    def quantize(self, weight: torch.Tensor, factor: Factor, config: QuantConfig, name: str) -> QuantResult:
-        return quantize_linear(weight, factor, config, name=name)
+    def gather_rows(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every rank's piece of ``t`` concatenated along ``dim`` in rank order (pieces may differ
+        in size along ``dim`` only)."""
+        return t
 
     def barrier(self) -> None:
         pass
@@ -94,7 +98,7 @@ class Distributed(Comm):
         self.token_offset = sum(_tokens(b) for b in batches[: bounds[self.rank]])
         return batches[bounds[self.rank] : bounds[self.rank + 1]]
 
-    def agree(self, value: Any) -> Any:
+    def broadcast(self, value: Any) -> Any:
         box = [value]
         self.dist.broadcast_object_list(box, src=self._global(0), group=self.group, device=self._obj_device)
         return box[0]
@@ -131,41 +135,25 @@ class Distributed(Comm):
     def _global(self, rank: int) -> int:
         return rank if self.group is None else self.dist.get_global_rank(self.group, rank)
 
-    def factorize(self, acc: Accumulator, config: QuantConfig) -> Factor:
-        """Rank 0 factors the merged accumulator; every rank gets the same Factor."""
-        return self.agree(factorize(acc, config) if self.rank == 0 else None)
-
     @property
     def _obj_device(self) -> Optional[torch.device]:
         return self.device if self.device.type == "cuda" else None
 
-    def quantize(self, weight: torch.Tensor, factor: Factor, config: QuantConfig, name: str) -> QuantResult:
-        """Each rank quantizes a contiguous run of W's rows; the pieces are gathered in row order."""
-        d_out = weight.shape[0]
-        if d_out < self.world:  # too few rows to share: every rank does the whole layer
-            return quantize_linear(weight, factor, config, name=name)
-        bounds = [d_out * r // self.world for r in range(self.world + 1)]
-        part = quantize_linear(weight[bounds[self.rank] : bounds[self.rank + 1]], factor, config, name=name)
-        rows = [b - a for a, b in zip(bounds, bounds[1:])]
-        codes = self._gather_rows(part.codes, rows, 0)
-        scales = self._gather_rows(part.scales, rows, 1)
-        zeros = self._gather_rows(part.zeros, rows, 1)
-        W = self._gather_rows(part.weight, rows, 0)
-        row_loss = self._gather_rows(part.row_loss, rows, 0)
-        loss = float(row_loss.sum())
-        report = {**part.report, "loss": loss}
-        return QuantResult(codes, scales, zeros, part.g_idx, W, loss, row_loss, part.perm, part.rank, report)
-
-    def _gather_rows(self, t: torch.Tensor, rows: List[int], dim: int) -> torch.Tensor:
-        """Every rank's piece of a per-row tensor (rows along ``dim``), concatenated in rank order;
-        pieces are padded to the largest so that one all_gather of tensors moves them."""
-        most = max(rows)
+    def gather_rows(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every rank's piece concatenated along ``dim`` in rank order; the pieces' sizes are
+        exchanged first and each is padded to the largest, so that one all_gather moves them."""
+        sizes = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world)]
+        self.dist.all_gather(sizes, torch.tensor([t.shape[dim]], device=self.device), group=self.group)
+        rows = [int(n) for n in sizes]
+        if t.dtype == torch.bool:  # not every backend moves bool tensors
+            return self.gather_rows(t.to(torch.uint8), dim).to(torch.bool)
         pad = list(t.shape)
-        pad[dim] = most - t.shape[dim]
-        mine = torch.cat([t, t.new_zeros(pad)], dim=dim).to(self.device) if pad[dim] else t.to(self.device)
+        pad[dim] = max(rows) - t.shape[dim]
+        mine = torch.cat([t, t.new_zeros(pad)], dim=dim) if pad[dim] else t
+        mine = mine.to(self.device).contiguous()
         pieces = [torch.empty_like(mine) for _ in range(self.world)]
-        self.dist.all_gather(pieces, mine.contiguous(), group=self.group)
-        return torch.cat([p.narrow(dim, 0, n).cpu() for p, n in zip(pieces, rows)], dim=dim)
+        self.dist.all_gather(pieces, mine, group=self.group)
+        return torch.cat([p.narrow(dim, 0, n).to(t.device) for p, n in zip(pieces, rows)], dim=dim)
 
     def barrier(self) -> None:
         self.dist.barrier(group=self.group)

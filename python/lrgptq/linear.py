@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
+from typing import TYPE_CHECKING, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 
 from . import ops, vq
 from .accumulate import Accumulator
 from .config import QuantConfig
+from .results import LayerResult, row_split
+
+if TYPE_CHECKING:
+    from .distributed import Comm
 
 Inputs = Union[torch.Tensor, Iterable[torch.Tensor], Accumulator]
 
 
 @dataclass
-class QuantResult:
-    """The engine's output for one layer (column order of the original weight)."""
+class QuantResult(LayerResult):
+    """The scalar engine's output for one layer (GPTQ, block LDLQ; column order of the original
+    weight), a :class:`lrgptq.results.LayerResult`."""
 
     codes: torch.Tensor  # uint8 (d_out, d)
     scales: torch.Tensor  # (groups, d_out)
@@ -29,6 +35,40 @@ class QuantResult:
     rank: int
     report: dict = field(default_factory=dict)
     row_clipped: Optional[torch.Tensor] = None  # per row: targets clamped to the grid's end codes
+    row_slack: Optional[torch.Tensor] = None  # per row: loss over Babai's bound (rank > 0)
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def row_unit(self) -> int:
+        return 1  # rows are independent given U (docs/design.md §1)
+
+    def row_tensors(self) -> Dict[str, Tuple[torch.Tensor, int]]:
+        rows = {"codes": (self.codes, 0), "scales": (self.scales, 1), "zeros": (self.zeros, 1),
+                "weight": (self.weight, 0), "row_loss": (self.row_loss, 0)}
+        rows.update({k: (t, 0) for k, t in (("row_clipped", self.row_clipped), ("row_slack", self.row_slack))
+                     if t is not None})
+        return rows
+
+    def with_rows(self, tensors: Dict[str, torch.Tensor]) -> "QuantResult":
+        full = dataclasses.replace(self, **tensors)
+        full.loss = float(full.row_loss.sum())
+        full.report = {**self.report, **row_report(full.row_loss, full.row_clipped, full.row_slack,
+                                                   full.codes.numel())}
+        return full
+
+
+def row_report(row_loss: torch.Tensor, row_clipped: Optional[torch.Tensor], row_slack: Optional[torch.Tensor],
+               n_codes: int) -> dict:
+    """The report entries a scalar result derives from its per-row tensors."""
+    report = {"loss": float(row_loss.sum())}
+    if row_clipped is not None:
+        report["clip_rate"] = float(row_clipped.sum()) / max(n_codes, 1)
+    if row_slack is not None and row_slack.numel():
+        report.update(babai_slack_median=float(row_slack.median()), babai_slack_max=float(row_slack.max()))
+    return report
 
 
 def babai_bound(scales: torch.Tensor, g_idx: torch.Tensor, perm: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
@@ -120,13 +160,14 @@ def quantize_linear(
     inputs: Union[Inputs, Factor],
     config: Optional[QuantConfig] = None,
     name: str = "layer",
-) -> Union[QuantResult, vq.VQResult]:
+) -> LayerResult:
     """Quantizes one linear layer's ``weight`` (d_out, d) given its inputs.
 
     ``inputs`` is a tensor (..., d), an iterable of such batches, an :class:`Accumulator` that
     already holds them, or a :class:`Factor` made from one by :func:`factorize`. Errors name the
     layer (``name``), the tensor and the fix. With ``config.vq_dim`` > 0 the layer is vector
-    quantized (GPTVQ) and the result is a :class:`lrgptq.vq.VQResult`.
+    quantized (GPTVQ) and the result is a :class:`lrgptq.vq.VQResult`; either way a
+    :class:`lrgptq.results.LayerResult`.
     """
     cfg = config if config is not None else QuantConfig()
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
@@ -161,11 +202,35 @@ def quantize_linear(
         raise type(err)(f"{name}: {err}") from err
     if cfg.vq_dim:
         return vq.result(out, weight, f.perm, f.rank, cfg, {**f.report, "d": d, "rank": f.rank})
-    loss = float(row_loss.sum())
-    report = {**f.report, "d": d, "rank": f.rank, "loss": loss, "ldlq_dim": cfg.ldlq_dim, "grid": cfg.grid,
-              "grid_passes": passes, "clip_rate": float(row_clipped.sum()) / max(codes.numel(), 1)}
-    if f.rank > 0:
-        slack = row_loss.double() / babai_bound(scales, g_idx, perm, U)
-        report.update(babai_slack_median=float(slack.median()), babai_slack_max=float(slack.max()))
-    return QuantResult(codes, scales, zeros, g_idx, Q.to(weight.dtype), loss, row_loss, f.perm, f.rank, report,
-                       row_clipped)
+    slack = row_loss.double() / babai_bound(scales, g_idx, perm, U) if f.rank > 0 else None
+    report = {**f.report, "d": d, "rank": f.rank, "ldlq_dim": cfg.ldlq_dim, "grid": cfg.grid, "grid_passes": passes,
+              **row_report(row_loss, row_clipped, slack, codes.numel())}
+    return QuantResult(codes, scales, zeros, g_idx, Q.to(weight.dtype), report["loss"], row_loss, f.perm, f.rank,
+                       report, row_clipped, slack)
+
+
+def row_unit(config: QuantConfig, d_out: int) -> int:
+    """The rows a split of a ``d_out``-row layer must keep together under ``config`` (the
+    ``row_unit`` of the result it will make)."""
+    return vq.row_unit(config.vq_group_rows, d_out) if config.vq_dim else 1
+
+
+def factorize_shared(acc: Accumulator, config: QuantConfig, comm: "Comm") -> Factor:
+    """Every rank's accumulator merged, factored once on rank 0, the factor broadcast: every rank
+    gets the same :class:`Factor` (one process: :func:`factorize`)."""
+    merged = comm.merge(acc)
+    return comm.broadcast(factorize(merged, config) if comm.rank == 0 else None)
+
+
+def quantize_shared(weight: torch.Tensor, factor: Factor, config: QuantConfig, comm: "Comm",
+                    name: str = "layer") -> LayerResult:
+    """:func:`quantize_linear` with the rows of ``weight`` split across ``comm``'s ranks (rows
+    are independent given U, docs/design.md §1): each rank quantizes a contiguous run that
+    respects the result's ``row_unit``, and the pieces are gathered in row order through the
+    result protocol, so every rank ends with the whole layer. A layer with fewer row units
+    than ranks is quantized whole on every rank."""
+    bounds = row_split(weight.shape[0], comm.world, row_unit(config, weight.shape[0]))
+    if comm.world == 1 or not bounds:
+        return quantize_linear(weight, factor, config, name=name)
+    part = quantize_linear(weight[bounds[comm.rank] : bounds[comm.rank + 1]], factor, config, name=name)
+    return part.with_rows({k: comm.gather_rows(t, dim) for k, (t, dim) in part.row_tensors().items()})

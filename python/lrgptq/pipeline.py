@@ -23,8 +23,9 @@ from .calib import Calib, calibration_batches, vocab_size
 from .capture import BlockInput, StopForward, first_block_inputs, in_features, input_hooks
 from .config import QuantConfig
 from .distributed import Comm
-from .linear import QuantResult, make_accumulator
+from .linear import factorize_shared, make_accumulator, quantize_shared
 from .models import find_blocks, find_linears, set_weight_matrix, weight_matrix
+from .results import LayerResult
 
 
 @dataclass
@@ -33,7 +34,7 @@ class ModelReport:
 
     config: QuantConfig
     layers: List[dict] = field(default_factory=list)
-    results: Dict[str, QuantResult] = field(default_factory=dict)
+    results: Dict[str, LayerResult] = field(default_factory=dict)
     seconds: float = 0.0
     true_sequential: bool = True  # as quantize_model ran (checkpoints record it)
 
@@ -108,7 +109,7 @@ class BlockStep:
     backups: Optional[List[Tuple[nn.Module, torch.Tensor]]] = None  # weights to restore on failure
     bar: Any = None
 
-    def quantize_block(self, i: int, block: nn.Module, inputs: List[BlockInput]) -> Dict[str, QuantResult]:
+    def quantize_block(self, i: int, block: nn.Module, inputs: List[BlockInput]) -> Dict[str, LayerResult]:
         """Quantizes block ``i``'s linears in place (subset by subset), fills the report's rows and
         returns the engine's result per layer name."""
         cfg, comm = self.config, self.comm
@@ -119,10 +120,10 @@ class BlockStep:
         elif self.true_sequential:
             # Which layers share an input is read from one batch; every rank must use rank 0's
             # answer (an MoE expert that rank 0's batch misses may be reached on another rank).
-            subsets = comm.agree(sequential_subsets(block, linears, inputs[0]))
+            subsets = comm.broadcast(sequential_subsets(block, linears, inputs[0]))
         else:
             subsets = [(list(linears), False)]
-        results: Dict[str, QuantResult] = {}
+        results: Dict[str, LayerResult] = {}
         for subset, shared in subsets:
             modules = {n: linears[n] for n in subset}
             # Layers that read one tensor share one accumulator and one factor.
@@ -137,17 +138,17 @@ class BlockStep:
                 with input_hooks(readers, lambda n, X: accumulate(accs[n], X, prefix + n),
                                  stop_when_all_seen=True) as reset:
                     _feed_block(block, inputs, reset)
-            factors = {n: comm.factorize(comm.merge(acc), cfg) for n, acc in accs.items()}
+            factors = {n: factorize_shared(acc, cfg, comm) for n, acc in accs.items()}
             for n, m in modules.items():
                 name = f"{self.block_path}.{i}.{n}"
                 t0 = time.perf_counter()
-                res = comm.quantize(weight_matrix(m), factors[subset[0] if shared else n], cfg, name)
+                res = quantize_shared(weight_matrix(m), factors[subset[0] if shared else n], cfg, comm, name)
                 if self.backups is not None:
                     self.backups.append((m, m.weight.detach().clone()))
                 set_weight_matrix(m, res.weight)
                 res.weight = torch.empty(0)  # the module holds it; keep only what packing needs
                 results[name] = res
-                row = {"name": name, "block": i, "d_out": res.codes.shape[0], "d": res.codes.shape[1],
+                row = {"name": name, "block": i, "d_out": res.shape[0], "d": res.shape[1],
                        "seconds": time.perf_counter() - t0, **res.report}
                 self.report.layers.append(row)
                 if self.bar is not None:
@@ -214,9 +215,10 @@ def quantize_model(
     in full precision. ``comm``: a :class:`lrgptq.distributed.Distributed` to share the work
     between the processes of a torch.distributed group (every rank calls this with the same
     model and calibration data, and every rank ends with the whole quantized model). The model's
-    weights hold the dequantized values afterwards; the codes, scales, zeros and g_idx of each
-    layer are in ``report.results`` for packing, whose ``weight`` is left empty (the module
-    holds it: a second copy of every weight would double the model's memory).
+    weights hold the dequantized values afterwards; each layer's result (a
+    :class:`lrgptq.results.LayerResult`: codes and grid or codebooks) is in ``report.results``
+    for packing, whose ``weight`` is left empty (the module holds it: a second copy of every
+    weight would double the model's memory).
 
     ``calib`` is checked before the first block (ValueError naming it: empty, not token ids, ids
     outside the embedding's vocabulary); NaN or Inf reaching a layer names the block and layer.
@@ -231,7 +233,7 @@ def quantize_model(
     block_path, block_list = find_blocks(model, blocks)
     report = ModelReport(cfg, true_sequential=true_sequential)
     backups: List[Tuple[nn.Module, torch.Tensor]] = []
-    bar = _progress(len(block_list), progress and comm.is_writer)
+    bar = progress_bar(len(block_list), progress and comm.is_writer)
     step = BlockStep(cfg, block_path, report, tuple(skip), true_sequential, comm, backups, bar)
     try:
         with eval_mode(model):
@@ -256,7 +258,8 @@ def quantize_model(
     return report
 
 
-def _progress(total: int, enabled: bool) -> Optional[Any]:
+def progress_bar(total: int, enabled: bool) -> Optional[Any]:
+    """A tqdm bar over ``total`` blocks, or None when not ``enabled``."""
     if not enabled:
         return None
     from tqdm.auto import tqdm

@@ -9,7 +9,8 @@ memory: one block in float32 + the calibration activations + the accumulators (+
 embedding while the first inputs are caught). With ``spill=True`` the activations between blocks
 live in a file (memory-mapped) instead of in memory.
 
-Output: a GPTQ checkpoint (what ``lrgptq.load`` and other GPTQ readers take): one
+Output: the checkpoint ``lrgptq.save`` writes (GPTQ, or the gptvq layout for a GPTVQ config),
+through the same :class:`lrgptq.writer.CheckpointWriter`, in other files: one
 ``model-block-NNNNN.safetensors`` per block, ``model-rest.safetensors`` (the tensors outside the
 blocks), ``model.safetensors.index.json``, ``quantize_config.json`` and, written last,
 ``config.json``. Every file is written under a temporary name and renamed into place; the
@@ -31,9 +32,7 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -45,12 +44,11 @@ from .calib import Calib, calibration_batches, vocab_size
 from .capture import BlockInput, first_block_inputs
 from .config import QuantConfig
 from .distributed import Comm
-from .formats import gptq
-from .linear import QuantResult
 from .models import find_blocks, set_weight_matrix
-from .nn import QuantLinear
-from .pipeline import BlockStep, ModelReport, _progress, eval_mode, next_inputs
-from . import ops
+from .pipeline import BlockStep, ModelReport, eval_mode, next_inputs, progress_bar
+from .results import LayerResult
+from .writer import (CheckpointWriter, cast_checked, save_file_atomic, tensor_bytes, write_index,
+                     write_json_atomic)
 
 MANIFEST = "lrgptq-stream.json"
 REST = "model-rest.safetensors"
@@ -84,7 +82,7 @@ def empty_model(model_dir: Path) -> nn.Module:
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    with params_on_meta(), checkpoint._no_init():
+    with params_on_meta(), checkpoint.no_init():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
 
@@ -94,7 +92,7 @@ def _load_params(module: nn.Module, prefix: str, files: Dict[str, Path], where: 
     upcast to float32; a parameter the files lack must be tied to one they hold. The files are
     mapped only meanwhile: pages of a mapping left open would count as the process' memory."""
     missing = []
-    with checkpoint._Reader(files) as read:
+    with checkpoint.TensorReader(files) as read:
         for name, param in module.named_parameters(remove_duplicate=False):
             key = prefix + name
             owner_path, _, leaf = name.rpartition(".")
@@ -152,46 +150,10 @@ def _run_key(model_dir: Path, files: Dict[str, Path], model: nn.Module, batches:
     return h.hexdigest()
 
 
-def _open_manifest(out: Path, key: str, comm: Comm) -> Dict[str, Any]:
-    path = out / MANIFEST
-    if comm.is_writer:
-        if checkpoint.check_target(out, MANIFEST, "write a streamed checkpoint"):
-            manifest = checkpoint._read_json(path)
-            if manifest.get("key") != key:
-                raise ValueError(
-                    f"{path}: this directory holds a streamed run of another model, settings or calibration "
-                    "data; resume with the same ones, or write to a new directory"
-                )
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_json_atomic(path, {"version": VERSION, "key": key, "blocks": {}})
-    comm.barrier()
-    return checkpoint._read_json(path)
-
-
-def _stored_weights(block: nn.Module, prefix: str, modules: Dict[str, QuantLinear]) -> None:
-    """Sets each quantized linear of ``block`` to the weights its packed tensors hold."""
+def _stored_weights(block: nn.Module, prefix: str, modules: Dict[str, nn.Module]) -> None:
+    """Sets each quantized linear of ``block`` to the weights its packed module holds."""
     for name, packed in modules.items():
-        set_weight_matrix(block.get_submodule(name[len(prefix):]), packed.dequantize(torch.float32))
-
-
-def _read_block(out: Path, entry: Dict[str, Any], cfg: QuantConfig, block: nn.Module, prefix: str) -> None:
-    """Puts a finished block's written weights back into ``block`` (for recomputing activations)."""
-    from safetensors.torch import load_file
-
-    path = out / entry["file"]
-    tensors = load_file(str(path))
-    settings = gptq.Settings(cfg.bits, cfg.group_size, cfg.sym, True, entry["checkpoint_format"])
-    modules = {}
-    for name in gptq.quantized_names(tensors):
-        linear = block.get_submodule(name[len(prefix):])
-        own = {k[len(name) + 1:]: t for k, t in tensors.items() if k.startswith(name + ".")}
-        modules[name] = gptq.load_module(settings, name, linear, own, str(path))
-    _stored_weights(block, prefix, modules)
-
-
-def _spill_path(out: Path, comm: Comm) -> Path:
-    return out / f"activations-rank{comm.rank}.pt"
+        set_weight_matrix(block.get_submodule(name[len(prefix):]), packed.dequantize())
 
 
 def _spill(path: Path, block: int, inputs: List[BlockInput]) -> List[BlockInput]:
@@ -210,6 +172,133 @@ def _unspill(path: Path, block: int, inputs: List[BlockInput]) -> Optional[List[
     if saved.get("block") != block or len(saved["hidden"]) != len(inputs):
         return None
     return [((h,) + args[1:], kw) for h, (args, kw) in zip(saved["hidden"], inputs)]
+
+
+class _Run:
+    """One streamed run: the model read from ``src`` (``files``: tensor name -> file), the
+    checkpoint written to ``out`` by ``writer``, the manifest of the blocks already there."""
+
+    def __init__(self, src: Path, out: Path, model: nn.Module, block_path: str, blocks: nn.ModuleList,
+                 writer: CheckpointWriter, comm: Comm, spill: bool) -> None:
+        self.src, self.out, self.model, self.writer, self.comm, self.spill = src, out, model, writer, comm, spill
+        self.files = checkpoint.tensor_files(src)
+        self.block_path, self.blocks = block_path, blocks
+        self.manifest: Dict[str, Any] = {}
+        self.spill_path = out / f"activations-rank{comm.rank}.pt"
+
+    @property
+    def done(self) -> Dict[str, Any]:
+        """Block index (a string) -> its manifest entry, for the blocks whose file is in place."""
+        return self.manifest["blocks"]
+
+    def prefix(self, i: int) -> str:
+        return f"{self.block_path}.{i}."
+
+    def open_manifest(self, key: str) -> None:
+        """Reads the manifest of a run with this ``key`` in ``out``, or starts one (rank 0)."""
+        path = self.out / MANIFEST
+        if self.comm.is_writer:
+            if checkpoint.check_target(self.out, MANIFEST, "write a streamed checkpoint"):
+                if checkpoint.read_json(path).get("key") != key:
+                    raise ValueError(
+                        f"{path}: this directory holds a streamed run of another model, settings or calibration "
+                        "data; resume with the same ones, or write to a new directory"
+                    )
+            else:
+                self.out.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(path, {"version": VERSION, "key": key, "blocks": {}})
+        self.comm.barrier()
+        self.manifest = checkpoint.read_json(path)
+
+    def load_block(self, i: int) -> nn.Module:
+        """Block ``i`` with its parameters read from the model's files (float32)."""
+        block = self.blocks[i]
+        _load_params(block, self.prefix(i), self.files, self.src)
+        return block
+
+    def first_inputs(self, batches: List[Any]) -> List[BlockInput]:
+        """The first block's inputs, with the parameters outside the blocks loaded only meanwhile."""
+        parent_path, _, leaf = self.block_path.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        parent._modules[leaf] = nn.ModuleList()  # hide the blocks: load only what lies outside them
+        try:
+            _load_params(self.model, "", self.files, self.src)
+        finally:
+            parent._modules[leaf] = self.blocks
+        try:
+            return first_block_inputs(self.model, self.blocks[0], batches)
+        finally:
+            _drop_params(self.model)
+
+    def resume_inputs(self, first: int, inputs: List[BlockInput]) -> List[BlockInput]:
+        """The inputs of block ``first``: from the spill file, or by running the finished blocks
+        with the weights their files hold."""
+        if first == 0:
+            return inputs
+        if self.spill:
+            back = _unspill(self.spill_path, first, inputs)
+            if back is not None:
+                return back
+        for i in range(first):
+            block = self.load_block(i)
+            self.read_block(i, block)
+            inputs = next_inputs(block, inputs)
+            _drop_params(block)
+        return inputs
+
+    def write_block(self, i: int, block: nn.Module, results: Dict[str, LayerResult], rows: List[dict]) -> None:
+        """Packs block ``i`` (every rank: the next block needs the stored weights), writes its
+        file (rank 0), sets ``block``'s weights to what the file holds; once every rank is there,
+        records it in the manifest."""
+        prefix = self.prefix(i)
+        part = self.writer.pack(results, rows, include=lambda k: k.startswith(prefix))
+        if self.comm.is_writer:
+            save_file_atomic(part.tensors, self.out / block_file(i))
+        _stored_weights(block, prefix, part.modules)
+        self.comm.barrier()
+        if self.comm.is_writer:  # the block's file is in place: record it
+            self.done[str(i)] = {"file": block_file(i), **part.info, "layers": rows, "keys": sorted(part.tensors),
+                                 "bytes": part.bytes}
+            write_json_atomic(self.out / MANIFEST, self.manifest)
+
+    def read_block(self, i: int, block: nn.Module) -> None:
+        """Puts a finished block's written weights back into ``block`` (for recomputing activations)."""
+        from safetensors.torch import load_file
+
+        entry, prefix, layout = self.done[str(i)], self.prefix(i), self.writer.layout
+        path = self.out / entry["file"]
+        tensors = load_file(str(path))
+        settings = layout.parse_config(self.writer.quantization_config(entry["layers"], entry), str(path))
+        modules = {}
+        for name in layout.quantized_names(tensors):
+            own = {k[len(name) + 1:]: t for k, t in tensors.items() if k.startswith(name + ".")}
+            modules[name] = layout.load_module(settings, name, block.get_submodule(name[len(prefix):]), own,
+                                               str(path))
+        _stored_weights(block, prefix, modules)
+
+    def finish(self, tokenizer: Any) -> None:
+        """Writes the tensors outside the blocks, the index and the configs (config.json last)."""
+        from safetensors.torch import load_file
+
+        entries = [self.done[k] for k in sorted(self.done, key=int)]
+        info = self.writer.merge(entries)
+        self.writer.warn(info, stacklevel=4)
+        for e in entries:
+            if e["checkpoint_format"] != info["checkpoint_format"]:
+                path = self.out / e["file"]
+                save_file_atomic(self.writer.convert(load_file(str(path)), e, info["checkpoint_format"]), path)
+                e["checkpoint_format"] = info["checkpoint_format"]
+                write_json_atomic(self.out / MANIFEST, self.manifest)
+        # The model's parameters are on the meta device: the tensors outside the blocks come from the files.
+        wanted = [k for k in self.model.state_dict() if k in self.files and not k.startswith(self.block_path + ".")]
+        with checkpoint.TensorReader(self.files) as read:
+            tensors = {k: cast_checked(k, read(k), self.writer.dtype) for k in wanted}
+        save_file_atomic(tensors, self.out / REST)
+        weight_map = {k: e["file"] for e in entries for k in e["keys"]}
+        weight_map.update({k: REST for k in tensors})
+        write_index(self.out, weight_map, tensor_bytes(tensors) + sum(e["bytes"] for e in entries))
+        layers = [r for e in entries for r in e["layers"]]
+        self.writer.write_configs(self.out, self.writer.quantization_config(layers, info), tokenizer)
 
 
 @torch.no_grad()
@@ -232,7 +321,8 @@ def quantize_streamed(
     on_block: Optional[Callable[[int], None]] = None,
 ) -> ModelReport:
     """Quantizes the model in ``model_dir`` (a transformers directory: config.json and safetensors
-    files) block by block into a GPTQ checkpoint in ``out_dir``, resuming a run stopped there.
+    files) block by block into a checkpoint in ``out_dir`` (as :func:`lrgptq.save` writes it:
+    GPTQ, or gptvq for a GPTVQ config), resuming a run stopped there.
 
     ``calib``, ``tokenizer``, ``blocks``, ``skip``, ``true_sequential``, ``max_length`` and
     ``comm``: as in :func:`lrgptq.quantize_model`. ``checkpoint_format`` and ``dtype``: as in
@@ -244,172 +334,54 @@ def quantize_streamed(
     cfg = config if config is not None else QuantConfig()
     comm = comm if comm is not None else Comm()
     warn_unused_options(cfg)
-    if checkpoint_format not in ("auto",) + gptq.FORMATS:
-        raise ValueError(f"checkpoint_format must be 'auto' or one of {gptq.FORMATS}, got {checkpoint_format!r}")
-    if dtype not in gptq.SCALE_DTYPES:
-        raise ValueError(f"dtype (of scales and the tensors that are not quantized) must be one of "
-                         f"{gptq.SCALE_DTYPES}, got {dtype}")
     start = time.perf_counter()
     src, out = Path(model_dir), Path(out_dir).absolute()
-    files = checkpoint._tensor_files(src)
     model = empty_model(src)
+    writer = CheckpointWriter(model, cfg, checkpoint_format=checkpoint_format, dtype=dtype,
+                              true_sequential=true_sequential)
     all_batches = calibration_batches(calib, tokenizer, max_length=max_length, vocab_size=vocab_size(model))
     block_path, block_list = find_blocks(model, blocks)
+    run = _Run(src, out, model, block_path, block_list, writer, comm, spill)
     settings = {"quant": cfg.to_dict(), "skip": sorted(skip), "true_sequential": true_sequential,
                 "blocks": block_path, "format": checkpoint_format, "dtype": str(dtype)}
-    key = _run_key(src, files, model, all_batches, settings)
+    key = _run_key(src, run.files, model, all_batches, settings)
     batches = comm.split(all_batches)
-    manifest = _open_manifest(out, key, comm)
-    done: Dict[str, Any] = manifest["blocks"]
+    run.open_manifest(key)
     report = ModelReport(cfg, true_sequential=true_sequential)
-    bar = _progress(len(block_list), progress and comm.is_writer)
+    bar = progress_bar(len(block_list), progress and comm.is_writer)
     step = BlockStep(cfg, block_path, report, tuple(skip), true_sequential, comm, None, bar)
     rtn = cfg.route == "rtn"
     first = 0
-    while str(first) in done:
-        report.layers.extend(done[str(first)]["layers"])
+    while str(first) in run.done:
+        report.layers.extend(run.done[str(first)]["layers"])
         first += 1
     try:
         with eval_mode(model):
             inputs: List[BlockInput] = []
             if not rtn and first < len(block_list):
-                inputs = _first_inputs(model, block_path, files, src, block_list[0], batches)
-                inputs = _resume_inputs(model, block_path, block_list, first, inputs, done, cfg, out,
-                                        files, src, comm, spill)
+                inputs = run.resume_inputs(first, run.first_inputs(batches))
             if bar is not None:
                 bar.update(first)
             for i in range(first, len(block_list)):
-                block, prefix = block_list[i], f"{block_path}.{i}."
-                _load_params(block, prefix, files, src)
+                block = run.load_block(i)
                 results = step.quantize_block(i, block, inputs)
-                rows = [r for r in report.layers if r["block"] == i]
-                entry = _write_block(model, out, i, prefix, results, rows, cfg, true_sequential, checkpoint_format, dtype,
-                                     comm, block)
+                run.write_block(i, block, results, [r for r in report.layers if r["block"] == i])
                 if not rtn:
                     inputs = next_inputs(block, inputs)
                     if spill:
-                        inputs = _spill(_spill_path(out, comm), i + 1, inputs)
-                comm.barrier()
-                if comm.is_writer:  # the block's file is in place: record it
-                    done[str(i)] = entry
-                    checkpoint.write_json_atomic(out / MANIFEST, manifest)
+                        inputs = _spill(run.spill_path, i + 1, inputs)
                 _drop_params(block)
                 if bar is not None:
                     bar.update(1)
                 if on_block is not None:
                     on_block(i)
             if comm.is_writer:
-                _finish(model, out, manifest, block_path, cfg, true_sequential, checkpoint_format, dtype, files,
-                        tokenizer)
+                run.finish(tokenizer)
             comm.barrier()
     finally:
         if bar is not None:
             bar.close()
-    _spill_path(out, comm).unlink(missing_ok=True)
+    run.spill_path.unlink(missing_ok=True)
     report.seconds = time.perf_counter() - start
     warn_after_run(report.layers, cfg)
     return report
-
-
-def _first_inputs(model: nn.Module, block_path: str, files: Dict[str, Path], src: Path,
-                  block: nn.Module, batches: List[Any]) -> List[BlockInput]:
-    """The first block's inputs, with the parameters outside the blocks loaded only meanwhile."""
-    parent_path, _, leaf = block_path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    blocks = parent._modules[leaf]
-    parent._modules[leaf] = nn.ModuleList()  # hide the blocks: load only what lies outside them
-    try:
-        _load_params(model, "", files, src)
-    finally:
-        parent._modules[leaf] = blocks
-    try:
-        return first_block_inputs(model, block, batches)
-    finally:
-        _drop_params(model)
-
-
-def _resume_inputs(model: nn.Module, block_path: str, block_list: nn.ModuleList, first: int,
-                   inputs: List[BlockInput], done: Dict[str, Any], cfg: QuantConfig, out: Path,
-                   files: Dict[str, Path], src: Path, comm: Comm, spill: bool) -> List[BlockInput]:
-    """The inputs of block ``first``: from the spill file, or by running the finished blocks with
-    the weights their files hold."""
-    if first == 0:
-        return inputs
-    if spill:
-        back = _unspill(_spill_path(out, comm), first, inputs)
-        if back is not None:
-            return back
-    for i in range(first):
-        block, prefix = block_list[i], f"{block_path}.{i}."
-        _load_params(block, prefix, files, src)
-        _read_block(out, done[str(i)], cfg, block, prefix)
-        inputs = next_inputs(block, inputs)
-        _drop_params(block)
-    return inputs
-
-
-def _write_block(model: nn.Module, out: Path, i: int, prefix: str, results: Dict[str, QuantResult],
-                 rows: List[dict], cfg: QuantConfig, true_sequential: bool, request: str, dtype: torch.dtype,
-                 comm: Comm, block: nn.Module) -> Dict[str, Any]:
-    """Packs block ``i`` (every rank: the next block needs the stored weights), writes its file
-    (rank 0) and returns its manifest entry."""
-    part = SimpleNamespace(config=cfg, results=results, layers=rows, true_sequential=true_sequential)
-    prepared = gptq.prepare(model, part, request, dtype)
-    tensors = checkpoint._tensors_to_save(model, prepared.modules, dtype, include=lambda k: k.startswith(prefix))
-    if comm.is_writer:
-        checkpoint.save_file_atomic(tensors, out / block_file(i))
-    _stored_weights(block, prefix, prepared.modules)
-    info = prepared.info
-    return {"file": block_file(i), "checkpoint_format": info["checkpoint_format"], "desc_act": info["desc_act"],
-            "zero_point_layers": info["zero_point_layers"], "layers": rows, "keys": sorted(tensors),
-            "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
-
-
-def _to_v2(path: Path, bits: int) -> None:
-    """Rewrites a block file's v1 zero points (z − 1) as v2 (z)."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    for key in [k for k in tensors if k.endswith(".qzeros")]:
-        out_features = tensors[key[: -len("qzeros")] + "scales"].shape[1]
-        z = ops.unpack_bits(tensors[key], bits, 1, out_features).to(torch.int32) + 1
-        tensors[key] = ops.pack_bits(z, bits, 1)
-    checkpoint.save_file_atomic(tensors, path)
-
-
-def _finish(model: nn.Module, out: Path, manifest: Dict[str, Any], block_path: str, cfg: QuantConfig,
-            true_sequential: bool, checkpoint_format: str, dtype: torch.dtype, files: Dict[str, Path],
-            tokenizer: Any) -> None:
-    """Writes the tensors outside the blocks, the index and the configs (config.json last)."""
-    entries = [manifest["blocks"][k] for k in sorted(manifest["blocks"], key=int)]
-    fmt = checkpoint_format
-    if fmt == "auto":
-        fmt = "gptq_v2" if any(e["checkpoint_format"] == "gptq_v2" for e in entries) else "gptq"
-        zero = {n: c for e in entries for n, c in e["zero_point_layers"].items()}
-        if zero:
-            warnings.warn(
-                f"{len(zero)} layers have asymmetric zero points equal to 0, which GPTQ v1 cannot store: "
-                f"wrote checkpoint_format 'gptq_v2' (read by GPTQModel and lrgptq). First: {next(iter(zero))}",
-                stacklevel=3,
-            )
-    for e in entries:
-        if e["checkpoint_format"] != fmt:
-            _to_v2(out / e["file"], cfg.bits)
-            e["checkpoint_format"] = fmt
-            checkpoint.write_json_atomic(out / MANIFEST, manifest)
-    wanted = [k for k in model.state_dict() if not k.startswith(block_path + ".")]
-    with checkpoint._Reader(files) as read:
-        rest = {k: checkpoint.cast_checked(k, read(k), dtype) for k in wanted if k in files}
-    checkpoint.save_file_atomic(rest, out / REST)
-    weight_map = {k: e["file"] for e in entries for k in e["keys"]}
-    weight_map.update({k: REST for k in rest})
-    total = sum(t.numel() * t.element_size() for t in rest.values())
-    total += sum(e["bytes"] for e in entries)
-    checkpoint.write_json_atomic(out / checkpoint.INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    layers = [r for e in entries for r in e["layers"]]
-    qc = gptq.quantization_config(cfg, layers, any(e["desc_act"] for e in entries), fmt, False, true_sequential,
-                                  dtype)
-    checkpoint.write_json_atomic(out / "quantize_config.json", qc)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    checkpoint.write_json_atomic(out / "config.json", checkpoint.model_config(model, dtype, qc))

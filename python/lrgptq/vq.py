@@ -10,19 +10,23 @@ codebooks, their scales and (out of order) the column order add to that:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Dict, Tuple
 
 import torch
 
 from . import ops
 from .config import QuantConfig
+from .results import LayerResult
 from .storage import vq_layer_bits
 
 
 @dataclass
-class VQResult:
-    """The VQ engine's output for one layer. ``codes`` index the codebook of their group, in the
-    column order ``perm`` (vector v covers columns perm[v·D : v·D + D])."""
+class VQResult(LayerResult):
+    """The VQ engine's output for one layer, a :class:`lrgptq.results.LayerResult`. ``codes``
+    index the codebook of their group, in the column order ``perm`` (vector v covers columns
+    perm[v·D : v·D + D])."""
 
     codes: torch.Tensor  # int32 (d_out, d / dim)
     codebooks: torch.Tensor  # (column groups, row groups, K, dim), = scales · int8 values when rounded
@@ -38,6 +42,27 @@ class VQResult:
     group_rows: int
     em_trace: torch.Tensor  # (column groups, row groups, em_iters + 1): the EM objective per iteration
     report: dict = field(default_factory=dict)
+    codebook_bits: int = 8  # 16 when the codebooks were not rounded to int8
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return self.codes.shape[0], self.codes.shape[1] * self.dim
+
+    @property
+    def row_unit(self) -> int:
+        return row_unit(self.group_rows, self.codes.shape[0])
+
+    def row_tensors(self) -> Dict[str, Tuple[torch.Tensor, int]]:
+        # Codebooks, their scales and the EM trace are per row group: dimension 1.
+        return {"codes": (self.codes, 0), "weight": (self.weight, 0), "row_loss": (self.row_loss, 0),
+                "codebooks": (self.codebooks, 1), "codebook_scales": (self.codebook_scales, 1),
+                "em_trace": (self.em_trace, 1)}
+
+    def with_rows(self, tensors: Dict[str, torch.Tensor]) -> "VQResult":
+        full = dataclasses.replace(self, **tensors)
+        full.loss = float(full.row_loss.sum())
+        full.report = {**self.report, **_report(full)}
+        return full
 
     def codebooks_int8(self) -> torch.Tensor:
         """The stored int8 codebooks: codebooks / scales, exact integers in [−127, 127]."""
@@ -45,6 +70,11 @@ class VQResult:
         if not bool((s > 0).all()):
             raise ValueError("these codebooks were not rounded to int8 (QuantConfig.vq_codebook_int8=False)")
         return torch.round(self.codebooks / s[..., None, None]).to(torch.int8)
+
+
+def row_unit(group_rows: int, d_out: int) -> int:
+    """Rows that share a codebook (``group_rows``, −1: all ``d_out``): a row split keeps them together."""
+    return d_out if group_rows == -1 else group_rows
 
 
 def dequantize(codes: torch.Tensor, codebooks: torch.Tensor, perm: torch.Tensor, group_cols: int,
@@ -136,13 +166,19 @@ def result(out: tuple, weight: torch.Tensor, perm: torch.Tensor, rank: int, cfg:
            report: dict) -> VQResult:
     """Wraps the engine's outputs with the layer's bit count and EM summary."""
     codes, C, scales, Q, row_loss, trace = out
-    d_out, d = weight.shape
-    ordered = not torch.equal(perm, torch.arange(d))
-    bits = vq_layer_bits(d_out, d, cfg.vq_dim, cfg.bits, cfg.vq_group_cols, cfg.vq_group_rows, ordered,
-                         8 if cfg.vq_codebook_int8 else 16)
-    loss = float(row_loss.sum())
-    rep = {**report, "loss": loss, "bits": bits, "bpw": bits["bpw"]}
-    if trace.numel():
-        rep["em_objective"] = (float(trace[..., 0].sum()), float(trace[..., -1].sum()))
-    return VQResult(codes, C, scales, Q.to(weight.dtype), loss, row_loss, perm, rank, cfg.vq_dim, cfg.bits,
-                    cfg.vq_group_cols, cfg.vq_group_rows, trace, rep)
+    res = VQResult(codes, C, scales, Q.to(weight.dtype), float(row_loss.sum()), row_loss, perm, rank, cfg.vq_dim,
+                   cfg.bits, cfg.vq_group_cols, cfg.vq_group_rows, trace, {},
+                   8 if cfg.vq_codebook_int8 else 16)
+    res.report = {**report, **_report(res)}
+    return res
+
+
+def _report(res: VQResult) -> dict:
+    """The report entries a result derives from its tensors: loss, bit count, EM objective."""
+    d_out, d = res.shape
+    ordered = not torch.equal(res.perm.cpu(), torch.arange(d))
+    bits = vq_layer_bits(d_out, d, res.dim, res.bits, res.group_cols, res.group_rows, ordered, res.codebook_bits)
+    rep = {"loss": float(res.row_loss.sum()), "bits": bits, "bpw": bits["bpw"]}
+    if res.em_trace.numel():
+        rep["em_objective"] = (float(res.em_trace[..., 0].sum()), float(res.em_trace[..., -1].sum()))
+    return rep

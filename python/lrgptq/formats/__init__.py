@@ -1,12 +1,20 @@
 """Checkpoint layouts of quantized layers, one module each, chosen by ``quant_method``.
 
-checkpoint.py does the file work (atomic directory, safetensors shards, config.json, rebuilding
-the model); a layout module says what a quantized layer becomes on disk and back. A new layout
-(e.g. vector-quantized layers) is a new module here with the same five names:
+writer.py does the file work of writing (safetensors files, index, configs), checkpoint.py that
+of saving into an atomic directory and of loading; a layout module says what a quantized layer
+(a :class:`lrgptq.results.LayerResult`) becomes on disk and back. A new layout is a new module
+here with the same names:
 
 - ``QUANT_METHOD``: the ``quantization_config.quant_method`` it reads and writes;
+- ``check_request(cfg, checkpoint_format, dtype)``: ValueError unless a quantization with
+  ``cfg`` can be written so (checked before any work);
 - ``prepare(model, report, checkpoint_format, dtype) -> Prepared``: the packed module per layer
-  name, the ``quantization_config`` block and the decisions taken (for the caller's report);
+  name, the ``quantization_config`` block and the decisions taken (``info``:
+  ``checkpoint_format``, ``zero_point_layers``, ...), for the whole model or a part of it;
+- ``final_format(formats) -> str``: the variant of a checkpoint whose parts chose ``formats``;
+- ``convert(tensors, fmt, to, cfg)``: a part's tensors rewritten from variant ``fmt`` to ``to``;
+- ``format_warning(info, requested) -> str | None``: what the writer warns about its choice;
+- ``quantization_config(cfg, layers, info, true_sequential, dtype)``: the config block;
 - ``parse_config(qc, where) -> settings``: a validated view of a loaded ``quantization_config``;
 - ``quantized_names(keys) -> set``: which modules a checkpoint's tensor names quantize;
 - ``load_module(settings, name, linear, tensors, where) -> nn.Module``: the quantized module

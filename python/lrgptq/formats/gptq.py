@@ -121,15 +121,24 @@ def _version() -> str:
         return "unknown"
 
 
+def check_request(cfg: Any, checkpoint_format: str, dtype: torch.dtype) -> None:
+    """ValueError unless a quantization with ``cfg`` can be written in ``checkpoint_format``
+    ("auto" or one of FORMATS) with its float tensors in ``dtype``."""
+    if cfg.bits not in LAYOUT_BITS:
+        raise ValueError(f"the GPTQ layout holds bits {LAYOUT_BITS}; this model was quantized to {cfg.bits} bits")
+    if checkpoint_format not in ("auto",) + FORMATS:
+        raise ValueError(f"checkpoint_format must be 'auto' or one of {FORMATS}, got {checkpoint_format!r}")
+    if dtype not in SCALE_DTYPES:
+        raise ValueError(f"dtype (of scales and the tensors that are not quantized) must be one of "
+                         f"{SCALE_DTYPES}, got {dtype}")
+
+
 def prepare(
     model: nn.Module, report: Any, checkpoint_format: str = "auto", dtype: torch.dtype = torch.float16
 ) -> Prepared:
     """Packs every layer of ``report`` (a ModelReport of ``model``) into a QuantLinear."""
     cfg = report.config
-    if cfg.bits not in LAYOUT_BITS:
-        raise ValueError(f"the GPTQ layout holds bits {LAYOUT_BITS}; this model was quantized to {cfg.bits} bits")
-    if dtype not in SCALE_DTYPES:
-        raise ValueError(f"dtype (of scales and bias) must be one of {SCALE_DTYPES}, got {dtype}")
+    check_request(cfg, checkpoint_format, dtype)
     fmt, zero = choose_format(report, checkpoint_format)
     modules: Dict[str, nn.Module] = {}
     desc_act = False
@@ -146,27 +155,55 @@ def prepare(
         )
         desc_act |= not torch.equal(res.perm.cpu(), torch.arange(len(res.perm)))
     lm_head = any(n == "lm_head" or n.endswith(".lm_head") for n in modules)
-    qc = quantization_config(cfg, report.layers, desc_act, fmt, lm_head, getattr(report, "true_sequential", True), dtype)
-    info = {"checkpoint_format": fmt, "zero_point_layers": zero, "desc_act": desc_act}
+    info = {"checkpoint_format": fmt, "zero_point_layers": zero, "desc_act": desc_act, "lm_head": lm_head}
+    qc = quantization_config(cfg, report.layers, info, getattr(report, "true_sequential", True), dtype)
     return Prepared(modules, qc, info)
 
 
+def final_format(formats: List[str]) -> str:
+    """The checkpoint_format of a checkpoint whose parts were prepared in ``formats`` (a streamed
+    run decides block by block): gptq_v2 as soon as one part needs it."""
+    return "gptq_v2" if "gptq_v2" in formats else (formats[0] if formats else "gptq")
+
+
+def format_warning(info: Dict[str, Any], requested: str) -> Optional[str]:
+    """What the writer warns about the format it chose (``info`` as ``prepare`` returns it)."""
+    zero = info.get("zero_point_layers") or {}
+    if not zero or requested != "auto":
+        return None
+    return (f"{len(zero)} layers have asymmetric zero points equal to 0, which GPTQ v1 cannot store: "
+            f"wrote checkpoint_format 'gptq_v2' (read by GPTQModel and lrgptq). First: {next(iter(zero))}")
+
+
+def convert(tensors: Dict[str, torch.Tensor], fmt: str, to: str, cfg: Any) -> Dict[str, torch.Tensor]:
+    """A part's tensors written in format ``fmt`` rewritten in format ``to``: the zero points
+    stored as z − 1 (v1) or z (v2)."""
+    shift = ZERO_OFFSETS[fmt] - ZERO_OFFSETS[to]
+    out = dict(tensors)
+    for key in [k for k in tensors if k.endswith(".qzeros")]:
+        out_features = tensors[key[: -len("qzeros")] + "scales"].shape[1]
+        z = ops.unpack_bits(tensors[key], cfg.bits, 1, out_features).to(torch.int32) + shift
+        out[key] = ops.pack_bits(z, cfg.bits, 1)
+    return out
+
+
 def quantization_config(
-    cfg: Any, layers: List[dict], desc_act: bool, fmt: str, lm_head: bool, true_sequential: bool, dtype: torch.dtype
+    cfg: Any, layers: List[dict], info: Dict[str, Any], true_sequential: bool, dtype: torch.dtype
 ) -> Dict[str, Any]:
     """The ``quantization_config`` block for a model quantized with ``cfg`` (a QuantConfig), whose
-    report rows are ``layers``, written in format ``fmt`` with scales in ``dtype``."""
+    report rows are ``layers``, packed as ``info`` says (checkpoint_format, desc_act, lm_head)
+    with scales in ``dtype``."""
     block_path, in_block = _blocks(layers)
     qc: Dict[str, Any] = {
         "quant_method": QUANT_METHOD,
         "bits": cfg.bits,
         "group_size": cfg.group_size,
-        "desc_act": desc_act,
+        "desc_act": bool(info.get("desc_act", False)),
         "sym": cfg.sym,
         "static_groups": cfg.static_groups,
         "true_sequential": true_sequential,
-        "checkpoint_format": fmt,
-        "lm_head": lm_head,
+        "checkpoint_format": info["checkpoint_format"],
+        "lm_head": bool(info.get("lm_head", False)),
     }
     # damp_percent is the Cholesky route's damping; the other routes do not damp H (and readers
     # reject 0), so it is written only where it means what GPTQ readers take it to mean.

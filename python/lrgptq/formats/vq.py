@@ -17,7 +17,7 @@ int8 is exact in float32, so a saved layer computes the engine's weights bit for
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Set
+from typing import Any, Dict, Iterable, List, Optional, Set
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from ..limits import VQ_DIMS, vq_bits_ok, vq_bits_rule
 from ..models import weight_matrix
 from ..nn_vq import VQLinear
 from .base import Prepared, check_finite, check_scales
-from .gptq import _blocks, _linear, _version
+from .gptq import SCALE_DTYPES, _blocks, _linear, _version
 
 QUANT_METHOD = "gptvq"
 
@@ -39,15 +39,24 @@ class Settings:
     group_rows: int
 
 
-def prepare(model: nn.Module, report: Any, checkpoint_format: str = "auto",
-            dtype: torch.dtype = torch.float16) -> Prepared:
-    """Packs every layer of ``report`` (a ModelReport of a GPTVQ quantization) into a VQLinear."""
-    cfg = report.config
+def check_request(cfg: Any, checkpoint_format: str, dtype: torch.dtype) -> None:
+    """ValueError unless a quantization with ``cfg`` can be written in this layout with its float
+    tensors in ``dtype``."""
     if checkpoint_format not in ("auto", QUANT_METHOD):
         raise ValueError(f"a GPTVQ model is written in the {QUANT_METHOD!r} layout; got checkpoint_format "
                          f"{checkpoint_format!r}")
     if not cfg.vq_codebook_int8:
         raise ValueError("the gptvq layout stores int8 codebooks; quantize with QuantConfig.vq_codebook_int8=True")
+    if dtype not in SCALE_DTYPES:
+        raise ValueError(f"dtype (of biases and the tensors that are not quantized) must be one of "
+                         f"{SCALE_DTYPES}, got {dtype}")
+
+
+def prepare(model: nn.Module, report: Any, checkpoint_format: str = "auto",
+            dtype: torch.dtype = torch.float16) -> Prepared:
+    """Packs every layer of ``report`` (a ModelReport of a GPTVQ quantization) into a VQLinear."""
+    cfg = report.config
+    check_request(cfg, checkpoint_format, dtype)
     modules: Dict[str, nn.Module] = {}
     for name, res in report.results.items():
         linear = _linear(model, name)
@@ -56,7 +65,31 @@ def prepare(model: nn.Module, report: Any, checkpoint_format: str = "auto",
             raise ValueError(f"{name}: the report's codes are {tuple(res.codes.shape)} for dim {res.dim}, "
                              f"the model's weight {shape}")
         modules[name] = VQLinear.pack(res, linear.bias, dtype)
-    block_path, in_block = _blocks(report.layers)
+    info = {"checkpoint_format": QUANT_METHOD, "zero_point_layers": {}}
+    qc = quantization_config(cfg, report.layers, info, getattr(report, "true_sequential", True), dtype)
+    return Prepared(modules, qc, info)
+
+
+def final_format(formats: List[str]) -> str:
+    """One format for every part: the gptvq layout has no variants."""
+    return QUANT_METHOD
+
+
+def format_warning(info: Dict[str, Any], requested: str) -> Optional[str]:
+    """Nothing to warn about: the layout has no variants to choose from."""
+    return None
+
+
+def convert(tensors: Dict[str, torch.Tensor], fmt: str, to: str, cfg: Any) -> Dict[str, torch.Tensor]:
+    """The layout has one format: nothing to rewrite."""
+    return tensors
+
+
+def quantization_config(cfg: Any, layers: List[dict], info: Dict[str, Any], true_sequential: bool,
+                        dtype: torch.dtype) -> Dict[str, Any]:
+    """The ``quantization_config`` block for a GPTVQ quantization with ``cfg`` whose report rows
+    are ``layers`` (``info`` and ``dtype``: as the GPTQ layout's, unused here)."""
+    block_path, in_block = _blocks(layers)
     qc: Dict[str, Any] = {
         "quant_method": QUANT_METHOD,
         "bits": cfg.bits,
@@ -64,14 +97,14 @@ def prepare(model: nn.Module, report: Any, checkpoint_format: str = "auto",
         "group_cols": cfg.vq_group_cols,
         "group_rows": cfg.vq_group_rows,
         "codebook_bits": 8,
-        "true_sequential": getattr(report, "true_sequential", True),
+        "true_sequential": true_sequential,
     }
     if block_path is not None:
         qc["block_name_to_quantize"] = block_path
     if in_block is not None:
         qc["modules_in_block_to_quantize"] = in_block
     qc["meta"] = {"quantizer": [f"lrgptq:{_version()}"], "lrgptq": cfg.to_dict()}
-    return Prepared(modules, qc, {"checkpoint_format": QUANT_METHOD, "zero_point_layers": {}})
+    return qc
 
 
 def _int(qc: dict, key: str, ok, where: str, want: str) -> int:
