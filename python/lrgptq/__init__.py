@@ -17,15 +17,19 @@ from .linear import Factor, QuantResult, factorize, quantize_linear
 from .nn import QuantLinear
 from .nn_vq import VQLinear
 from .pipeline import ModelReport, quantize_model
+from .results import LayerResult
 from .storage import bits_per_weight
 from .streaming import quantize_streamed
 from .vq import VQResult
+from .writer import CheckpointWriter
 
 __all__ = [
     "Accumulator",
+    "CheckpointWriter",
     "Comm",
     "Distributed",
     "Factor",
+    "LayerResult",
     "ModelReport",
     "QuantConfig",
     "QuantLinear",
