@@ -151,6 +151,7 @@ def _stream_worker(rank: int, world: int, port: int, src: str, ids: torch.Tensor
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns two processes
 def test_two_gloo_processes_stream_the_same_checkpoint_as_one(tmp_path, gen):
     # The streamed path: rank 0 writes every file, every rank packs (the next block needs the
     # stored weights), the rows of each layer are split and gathered; GPTQ and GPTVQ.

@@ -140,12 +140,12 @@ def test_a_killed_gptvq_run_resumes_to_the_same_files(tmp_path, gen):
     assert config["quantization_config"]["quant_method"] == "gptvq"
 
 
-def test_cli_streams_a_gptvq_quantization(tmp_path, gen, monkeypatch):
+def test_cli_streams_a_gptvq_quantization(tmp_path, gen):
     from lrgptq import cli
-    from test_cli import CALIB, CharTokenizer
+    from test_cli import CALIB, char_tokenizer
 
     _, src = saved("llama", tmp_path, gen)
-    monkeypatch.setattr(cli, "_tokenizer", lambda path, gguf_file=None: CharTokenizer())
+    char_tokenizer().save_pretrained(src)  # the CLI checks the model directory's tokenizer before loading
     (tmp_path / "calib.txt").write_text(CALIB)
     rc = cli.main(["quantize", str(src), "--calib", str(tmp_path / "calib.txt"), "--nsamples", "4", "--seqlen", "32",
                    "--bits", "2", "--vq-dim", "2", "--vq-group-cols", "16", "--vq-group-rows", "8", "--stream",
