@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from . import formats
-from .formats.base import check_finite
+from .formats.base import all_finite, check_finite
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -172,7 +172,7 @@ def load(path: PathLike, dtype: Optional[torch.dtype] = None) -> nn.Module:
             check_finite(t, k, str(files[k]))
         if dtype is not None:
             tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
-            over = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+            over = [k for k, t in tensors.items() if t.is_floating_point() and t.numel() and not all_finite(t)]
             if over:
                 raise ValueError(f"{files[over[0]]}: {over[0]} overflows {dtype}; load with dtype=torch.float32 "
                                  "(or None, the checkpoint's own)")
