@@ -479,6 +479,16 @@ def _load_within(root, seconds):
     return out["result"]
 
 
+def test_a_cast_that_overflows_is_refused(tmp_path):
+    model, report, _ = quantized(route="rtn")
+    with torch.no_grad():
+        model.model.norm.weight[5] = 1e5  # finite in float32, Inf in float16
+    lrgptq.save(model, report, tmp_path / "ckpt", dtype=torch.float32)
+    lrgptq.load(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"model\.norm\.weight overflows torch\.float16; load with dtype=torch\.float32"):
+        lrgptq.load(tmp_path / "ckpt", dtype=torch.float16)
+
+
 @pytest.mark.parametrize("name", ["config.json", "quantize_config.json", "model.safetensors"])
 @pytest.mark.parametrize("kind", ["fifo", "link to /dev/urandom", "directory"])
 def test_only_regular_files_are_read(pristine, tmp_path, name, kind):

@@ -189,23 +189,6 @@ QUANTIZE_CASES = {  # extra arguments -> what the error line must say
 }
 
 
-@pytest.mark.parametrize("case", sorted(QUANTIZE_CASES))
-def test_quantize_checks_paths_and_options_before_loading(tmp_path, model_dir, calib_text, capsys, no_model_load,
-                                                          case):
-    where = _setup(tmp_path, model_dir, calib_text)
-    extra, message = QUANTIZE_CASES[case]
-    extra = [where.get(a.split("/")[0], a.split("/")[0]) + a[len(a.split("/")[0]):] for a in extra]
-    model = str(model_dir)
-    if extra[0] == "@model":
-        model, extra = extra[1], extra[2:]
-    argv = ["quantize", model, "--calib", str(calib_text), "--seqlen", "32", "--nsamples", "2", *extra]
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("lrgptq quantize: error: ") and len(err.strip().splitlines()) == 1, err
-    assert re.search(message, err), err
-    assert "Repo id" not in err and "Traceback" not in err
-
-
 EVAL_CASES = {
     "window 0": (["--window", "0"], r"--window must be >= 2"),
     "window 1": (["--window", "1"], r"--window must be >= 2"),
@@ -217,17 +200,27 @@ EVAL_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(EVAL_CASES))
-def test_eval_checks_paths_and_options_before_loading(tmp_path, model_dir, calib_text, capsys, no_model_load, case):
+BASE = {"quantize": ["--calib", "CALIB", "--seqlen", "32", "--nsamples", "2"],
+        "eval": ["--text", "CALIB", "--window", "64"]}
+CASES = [(c, n) for c, table in (("quantize", QUANTIZE_CASES), ("eval", EVAL_CASES)) for n in sorted(table)]
+
+
+@pytest.mark.parametrize("command,case", CASES, ids=[f"{c}-{n}" for c, n in CASES])
+def test_paths_and_options_are_checked_before_loading(tmp_path, model_dir, calib_text, capsys, no_model_load,
+                                                      command, case):
     where = _setup(tmp_path, model_dir, calib_text)
-    extra, message = EVAL_CASES[case]
-    extra = [where.get(a.split("/")[0], a.split("/")[0]) + a[len(a.split("/")[0]):] for a in extra]
+    extra, message = {"quantize": QUANTIZE_CASES, "eval": EVAL_CASES}[command][case]
+    args = [where.get(a.split("/")[0], a.split("/")[0]) + a[len(a.split("/")[0]):] for a in BASE[command] + extra]
     model = str(model_dir)
-    if extra[0] == "@model":
-        model, extra = extra[1], extra[2:]
-    assert cli.main(["eval", model, "--text", str(calib_text), "--window", "64", *extra]) == 2
+    if "@model" in args:  # later options win; the model is positional
+        i = args.index("@model")
+        model = args.pop(i + 1)
+        args.pop(i)
+    assert cli.main([command, model, *args]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("lrgptq eval: error: ") and re.search(message, err), err
+    assert err.startswith(f"lrgptq {command}: error: ") and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert "Repo id" not in err and "Traceback" not in err
 
 
 def test_eval_reads_an_lrgptq_checkpoint(tmp_path, model_dir, calib_text, capsys):

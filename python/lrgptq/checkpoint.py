@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from . import formats
-from .formats.base import check_finite
+from .formats.base import all_finite, check_finite
 from .writer import INDEX, SINGLE, CheckpointWriter, write_json_atomic, write_shards, writer_mode
 from .writer import fsync as _fsync
 
@@ -150,8 +150,14 @@ def load(path: PathLike, dtype: Optional[torch.dtype] = None) -> nn.Module:
             setattr(model.get_submodule(parent) if parent else model, child, module)
         rest = [k for k in files if k.rpartition(".")[0] not in quantized]
         tensors = {k: read(k) for k in rest}
+        for k, t in tensors.items():  # as stored, before any cast
+            check_finite(t, k, str(files[k]))
         if dtype is not None:
             tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+            over = [k for k, t in tensors.items() if t.is_floating_point() and t.numel() and not all_finite(t)]
+            if over:
+                raise ValueError(f"{files[over[0]]}: {over[0]} overflows {dtype}; load with dtype=torch.float32 "
+                                 "(or None, the checkpoint's own)")
         _load_rest(model, tensors, quantized, files)
     model.eval()
     return model
@@ -403,7 +409,6 @@ def _load_rest(model: nn.Module, tensors: Dict[str, torch.Tensor], quantized: se
             raise ValueError(
                 f"{files[k]}: {k} is {t.dtype} {tuple(t.shape)}, the model needs {want.dtype} {tuple(want.shape)}"
             )
-        check_finite(t, k, str(files[k]))
     model.load_state_dict(tensors, strict=False, assign=True)
     missing = [k for k in expected if k not in tensors]
     if missing and hasattr(model, "tie_weights"):
