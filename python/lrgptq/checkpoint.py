@@ -9,10 +9,11 @@ are written by :class:`lrgptq.writer.CheckpointWriter`, which streamed runs use 
 
 Where ``save`` writes: ``out_dir`` must not exist, or be an empty directory, or be a checkpoint
 lrgptq wrote, recognised by its marker file ``lrgptq.json`` (written by every save; it lists
-the files that save wrote). Anything else is refused with ValueError before any work: a Hugging
-Face model directory (it has a config.json but no marker), a directory of the user's files, or
-an lrgptq checkpoint to which files were added since (they would be deleted). The same rule,
-with the streaming manifest as the marker, guards ``quantize_streamed``'s output (``check_target``).
+the files that save wrote). Anything else is refused with ValueError before anything is
+written: a Hugging Face model directory (it has a config.json but no marker), a directory of the
+user's files, or an lrgptq checkpoint to which files were added since (they would be deleted).
+The same rule, with the streaming manifest as the marker, guards ``quantize_streamed``'s output
+(``check_target``).
 
 Writes are atomic: everything goes to a hidden temporary directory beside ``out_dir``, which is
 renamed into place only once complete, so a crash never leaves a complete-looking checkpoint;
