@@ -1,4 +1,4 @@
-"""CPU benchmark of the GPTQ engine (torch.ops.lrgptq.gptq_quantize) against a plain-PyTorch GPTQ.
+"""CPU benchmark of the GPTQ engine (lrgptq.ops.gptq_quantize) against a plain-PyTorch GPTQ.
 
 Per layer (d_out, d): float32 W, 4-bit, group size 128, asymmetric, block size B = 128, identity
 order, U from the cholesky route (damp 0.01) of a random SPD H. Both the engine and the baseline
@@ -24,7 +24,7 @@ import torch
 import common
 import gptq_baseline
 
-import lrgptq  # noqa: F401  (registers torch.ops.lrgptq)
+from lrgptq import ops
 
 BITS, GS, SYM, B = 4, 128, False, 128
 
@@ -71,7 +71,8 @@ def lazy_sequence(d_out: int, d: int, U: torch.Tensor, runs: int, clean: common.
 
 
 def engine(W, perm, U):
-    return torch.ops.lrgptq.gptq_quantize(W, perm, U, False, BITS, GS, SYM, False, False, B)
+    return ops.gptq_quantize(W, perm, U, from_original=False, bits=BITS, group_size=GS, sym=SYM, mse=False,
+                             static_groups=False, block_size=B)
 
 
 def measure(d_out, d, W, U, runs, clean):

@@ -31,6 +31,7 @@ import torch
 import gptq_baseline
 
 import lrgptq  # noqa: F401  (registers torch.ops.lrgptq)
+from lrgptq import ops
 
 OPS = torch.ops.lrgptq
 BITS, GS, B = 4, 128, 128
@@ -70,7 +71,8 @@ def factor(A: torch.Tensor, source: str, route: str, order: str = "pivot"):
 
 
 def engine_call(W, perm, U):
-    return lambda: OPS.gptq_quantize(W, perm, U, False, BITS, GS, False, False, False, B)
+    return lambda: ops.gptq_quantize(W, perm, U, from_original=False, bits=BITS, group_size=GS, sym=False, mse=False,
+                                     static_groups=False, block_size=B)
 
 
 def lazy_flops(d_out: int, d: int) -> int:

@@ -1,4 +1,5 @@
-// GPTVQ: vector quantization with error feedback (arXiv 2402.15319; DESIGN §5).
+// GPTVQ: vector quantization with error feedback (arXiv 2402.15319; docs/design.md §5): the VQ step
+// of the one block loop (csrc/engine_common.h).
 //
 // Columns, in perm order, are taken D at a time (D ∈ {1, 2, 4}). With targets T (initially
 // W[:, perm]) and Ū = U[j:j+D, j:j+D] (the D×D diagonal block of the factor, H⁻¹ = UᵀU):
@@ -249,9 +250,9 @@ void fit_codebook(const Problem<T>& P, int64_t cg, int64_t rg, int64_t bits) {
   }
 }
 
-// Rows [r0, r1) through the block columns [i1, i2), D columns at a time.
+// The VQ step: rows [r0, r1) through the block columns [i1, i2), D columns at a time.
 template <typename T>
-void block_rows(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t r1) {
+void vq_step(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t r1) {
   const int64_t d = P.d, D = P.D, K = P.K, nbB = P.ldE / D;
   const int64_t cg = i1 / P.gc;
   std::vector<T> scratch(K);
@@ -301,13 +302,14 @@ void block_rows(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t
   }
 }
 
+// The engine: the block loop of csrc/engine_common.h with the VQ step.
 template <typename T>
 void run_engine(Problem<T>& P, at::Tensor& Tw, const at::Tensor& U, const at::Tensor& E, int64_t B,
                 bool fit, int64_t bits) {
   const int64_t nbB = B / P.D;
-  for (int64_t i1 = 0; i1 < P.d;) {
-    // Every column group starts a block: its codebooks see the fully updated targets.
-    const int64_t i2 = std::min({i1 + B, P.d, (i1 / P.gc + 1) * P.gc});
+  // Every column group starts a block: its codebooks see the fully updated targets.
+  const auto end = [&](int64_t i1) { return std::min({i1 + B, P.d, (i1 / P.gc + 1) * P.gc}); };
+  const auto prepare = [&](int64_t i1, int64_t i2) {
     const int64_t cg = i1 / P.gc;
     if (fit && i1 % P.gc == 0)
       at::parallel_for(0, P.Gr, 1, [&](int64_t g0, int64_t g1) {
@@ -322,10 +324,9 @@ void run_engine(Problem<T>& P, at::Tensor& Tw, const at::Tensor& U, const at::Te
                              P.CP + (rg * nbB + (j - i1) / P.D) * P.K * P.D);
         }
     });
-    for_row_tiles(P.d_out, [&](int64_t r0, int64_t r1) { block_rows(P, i1, i2, r0, r1); });
-    lazy_update(Tw, E, U, i1, i2, P.k);
-    i1 = i2;
-  }
+  };
+  block_loop(Tw, E, U, P.k, end, prepare,
+             [&](int64_t i1, int64_t i2, int64_t r0, int64_t r1) { vq_step(P, i1, i2, r0, r1); });
 }
 
 struct Shape {
@@ -334,7 +335,7 @@ struct Shape {
 
 Shape vq_shape(const at::Tensor& W, int64_t dim, int64_t bits, int64_t group_cols, int64_t group_rows) {
   constexpr const char* op = "lrgptq.vq_quantize";
-  TORCH_CHECK(W.dim() == 2, op, ": W must be 2-D (d_out, d), got shape ", W.sizes());
+  TORCH_CHECK(W.dim() == 2, op, ": W must be 2-D (d_out, d), got shape ", W.sizes());  // also for Meta
   TORCH_CHECK(dim == 1 || dim == 2 || dim == 4, op, ": dim (the codebook dimension D) must be 1, 2 or 4, got ", dim);
   TORCH_CHECK(bits >= 1 && bits * dim <= 12, op, ": bits per weight must be >= 1 with bits·dim <= 12 (K = 2^(bits·dim) <= 4096 centroids), got bits=", bits, " dim=", dim);
   const int64_t d_out = W.size(0), d = W.size(1);
@@ -349,30 +350,16 @@ Shape vq_shape(const at::Tensor& W, int64_t dim, int64_t bits, int64_t group_col
   return {d_out, d, dim, int64_t(1) << (bits * dim), gc, gr, (d + gc - 1) / gc, (d_out + gr - 1) / gr};
 }
 
-void check_inputs(const at::Tensor& W, const at::Tensor& perm, const at::Tensor& U, const Shape& S,
-                  const std::optional<at::Tensor>& codebooks, int64_t em_iters, int64_t block_size,
-                  bool from_original) {
+// The codebooks' own settings (W, perm and U: check_engine_inputs).
+void check_settings(const Shape& S, const std::optional<at::Tensor>& codebooks, int64_t em_iters,
+                    int64_t block_size, bool from_original) {
   constexpr const char* op = "lrgptq.vq_quantize";
-  TORCH_CHECK(W.scalar_type() == at::kDouble || W.scalar_type() == at::kFloat, op,
-              ": W must be float32 or float64 (the compute dtype), got ", W.scalar_type());
   TORCH_CHECK(block_size >= S.D, op, ": block_size must be >= dim = ", S.D, ", got ", block_size);
   TORCH_CHECK(em_iters >= 0, op, ": em_iters must be >= 0, got ", em_iters);
   // The ql form's loss couples a block's columns through L's D×D block around targets other than
   // T, so the joint assignment here (weighted by Ū⁻¹, around T) holds for D = 1 only.
   TORCH_CHECK(!from_original || S.D == 1, op, ": from_original (the ql form) supports dim = 1 only, got dim = ",
               S.D, "; use route 'cholesky' or 'svdqr' for vector quantization");
-  TORCH_CHECK(perm.dim() == 1 && perm.size(0) == S.d && perm.scalar_type() == at::kLong, op,
-              ": perm must be an int64 vector of length d = ", S.d, ", got ", perm.scalar_type(), " of shape ",
-              perm.sizes());
-  TORCH_CHECK(S.d == 0 || at::equal(std::get<0>(at::sort(perm)), at::arange(S.d, perm.options())), op,
-              ": perm must be a permutation of 0..d-1");
-  TORCH_CHECK(U.dim() == 2 && U.size(1) == S.d && U.size(0) <= S.d, op, ": U must be (k, d) with k <= d = ", S.d,
-              ", got shape ", U.sizes());
-  check_float(U, "vq_quantize", "U");
-  check_finite(W, "vq_quantize", "W");
-  check_finite(U, "vq_quantize", "U");
-  TORCH_CHECK(U.size(0) == 0 || (U.diagonal() != 0).all().item<bool>(), op,
-              ": U has a zero pivot U_jj; the factor route must put columns past rank last");
   if (codebooks) {
     TORCH_CHECK(codebooks->dim() == 4 && codebooks->size(0) == S.Gc && codebooks->size(1) == S.Gr &&
                     codebooks->size(2) == S.K && codebooks->size(3) == S.D,
@@ -386,8 +373,10 @@ void check_inputs(const at::Tensor& W, const at::Tensor& perm, const at::Tensor&
 VQOut vq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::Tensor& U_in, bool from_original,
                   int64_t dim, int64_t bits, int64_t group_cols, int64_t group_rows, int64_t em_iters,
                   bool codebook_int8, const std::optional<at::Tensor>& codebooks, int64_t block_size) {
+  check_engine_inputs("vq_quantize", W, perm, U_in);
   const Shape S = vq_shape(W, dim, bits, group_cols, group_rows);
-  check_inputs(W, perm, U_in, S, codebooks, em_iters, block_size, from_original);
+  check_settings(S, codebooks, em_iters, block_size, from_original);
+  check_finite(W, "vq_quantize", "W");
   const auto opts = W.options();
   const bool identity = at::equal(perm, at::arange(S.d, perm.options()));
   at::Tensor Wc = W.contiguous();

@@ -29,7 +29,7 @@ pytestmark = [
 ]
 
 F64 = torch.float64
-OPS = ("gram_update", "qr_update", "sketch_update", "factor", "gptq_quantize", "gptq_quantize_ex", "pack_bits",
+OPS = ("gram_update", "qr_update", "sketch_update", "factor", "gptq_quantize", "pack_bits",
        "unpack_bits", "qmatmul")
 
 
@@ -115,28 +115,28 @@ def test_engine_blocks_match_cpu(gen, block_size, group_size):
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_engine_ex_counts_clipping_as_the_cpu(gen, bits):
-    """gptq_quantize_ex (scalar, min-max grid) on CUDA: the CPU's codes and per-row clip counts."""
+    """gptq_quantize (scalar, min-max grid) on CUDA: the CPU's codes and per-row clip counts."""
     W, X, H = problem(gen, 70, 100)
     W[:, :5] *= 4  # outlier columns: the feedback pushes targets past the min-max grid
     perm = make_perm("act", H, gen)
     U = ref.cholesky_U(H, perm)
     args = (False, bits, 32, False, False, False, 100, 1, "minmax", 1)
-    cpu = torch.ops.lrgptq.gptq_quantize_ex(W, perm, U, *args)
+    cpu = torch.ops.lrgptq.gptq_quantize(W, perm, U, *args)
     poison_cache()
-    gpu = [t.cpu() for t in torch.ops.lrgptq.gptq_quantize_ex(*cuda(W, perm, U), *args)]
+    gpu = [t.cpu() for t in torch.ops.lrgptq.gptq_quantize(*cuda(W, perm, U), *args)]
     assert_identical(cpu[:6], gpu[:6], gen.initial_seed())
     assert int(cpu[6].sum()) > 0, "the problem was meant to clip"
     assert torch.equal(cpu[6], gpu[6]), f"clip counts differ (seed {gen.initial_seed()})"
     assert int(gpu[7][0]) == 1
 
 
-@pytest.mark.parametrize("vec_dim,grid", [(2, "minmax"), (1, "noclip")])
-def test_engine_ex_cpu_only_options_raise(gen, vec_dim, grid):
+@pytest.mark.parametrize("ldlq_dim,grid", [(2, "minmax"), (1, "noclip")])
+def test_engine_ex_cpu_only_options_raise(gen, ldlq_dim, grid):
     W, X, H = problem(gen, 8, 32)
     perm = torch.arange(32)
     U = ref.cholesky_U(H, perm)
     with pytest.raises(RuntimeError, match="CPU only"):
-        torch.ops.lrgptq.gptq_quantize_ex(*cuda(W, perm, U), False, 4, 16, False, False, False, 32, vec_dim, grid, 4)
+        torch.ops.lrgptq.gptq_quantize(*cuda(W, perm, U), False, 4, 16, False, False, False, 32, ldlq_dim, grid, 4)
 
 
 def test_engine_float32_close(gen):

@@ -1,4 +1,4 @@
-"""Block LDLQ (vec_dim D), clipping counts, the noclip grid and Babai's bound (DESIGN §5, §6.5)."""
+"""Block LDLQ (ldlq_dim D), clipping counts, the noclip grid and Babai's bound (DESIGN §5, §6.5)."""
 import pytest
 import torch
 
@@ -6,14 +6,15 @@ import lrgptq
 import reference as ref
 from lrgptq.linear import babai_bound
 from lrgptq.storage import bits_per_weight, layer_bits
-from util import make_perm, ops, problem, randn
+from util import gptq_op, make_perm, ops, problem, randn
 
 
 def ex_op(W, perm, U, *, bits=4, group_size=-1, sym=False, mse=False, static_groups=False, from_original=False,
-          block_size=128, vec_dim=1, grid="minmax", max_passes=4):
-    """torch.ops.lrgptq.gptq_quantize_ex -> (codes, scales, zeros, g_idx, Q, row_loss, row_clipped, info)."""
-    return ops().gptq_quantize_ex(W, perm, U, from_original, bits, group_size, sym, mse, static_groups, block_size,
-                                  vec_dim, grid, max_passes)
+          block_size=128, ldlq_dim=1, grid="minmax", grid_passes=4):
+    """torch.ops.lrgptq.gptq_quantize -> (codes, scales, zeros, g_idx, Q, row_loss, row_clipped, grid_passes);
+    the raw op, as the meta-kernel test needs (its wrapper reads grid_passes' value)."""
+    return ops().gptq_quantize(W, perm, U, from_original, bits, group_size, sym, mse, static_groups, block_size,
+                               ldlq_dim, grid, grid_passes)
 
 
 @pytest.mark.parametrize("perm_kind,static_groups,group_size", [
@@ -23,11 +24,11 @@ def test_d1_is_scalar_gptq_bit_for_bit(gen, perm_kind, static_groups, group_size
     perm = make_perm(perm_kind, H, gen)
     U = ref.cholesky_U(H, perm)
     q = dict(bits=3, group_size=group_size, static_groups=static_groups, block_size=24)
-    out = ex_op(W, perm, U, vec_dim=1, **q)
+    out = ex_op(W, perm, U, ldlq_dim=1, **q)
     exp = ref.gptq(W, perm, U, **q)
     assert torch.equal(out[0], exp[0]), f"codes (seed {gen.initial_seed()})"
-    assert torch.equal(out[4], ops().gptq_quantize(W, perm, U, False, 3, group_size, False, False,
-                                                   static_groups, 24)[4])
+    assert torch.equal(out[4], gptq_op(W, perm, U, bits=3, group_size=group_size, static_groups=static_groups,
+                                       block_size=24)[4])
     # the brute-force block reference with D = 1 is scalar GPTQ too, clip counts included
     codes, _, loss, clipped = ref.block_ldlq(W, perm, U, D=1, bits=3, group_size=group_size,
                                              static_groups=static_groups)
@@ -46,7 +47,7 @@ def test_block_choice_is_the_exact_minimiser(gen, D, d, group_size, static_group
     perm = make_perm(perm_kind, H, gen)
     U = ref.cholesky_U(H, perm)
     q = dict(bits=2, group_size=group_size, static_groups=static_groups)
-    out = ex_op(W, perm, U, vec_dim=D, block_size=8, **q)
+    out = ex_op(W, perm, U, ldlq_dim=D, block_size=8, **q)
     codes, Q, loss, clipped = ref.block_ldlq(W, perm, U, D=D, **q)
     assert torch.equal(out[0], codes), f"codes differ (seed {gen.initial_seed()})"
     torch.testing.assert_close(out[4], Q, rtol=1e-12, atol=1e-12)
@@ -64,8 +65,8 @@ def test_separable_blocks_give_scalar_codes(gen, D):
         mask[j0:j0 + D, j0:j0 + D] = torch.eye(D, dtype=torch.bool)
     U = U * mask
     perm = torch.arange(96)
-    vec = ex_op(W, perm, U, bits=4, group_size=32, vec_dim=D)
-    scalar = ex_op(W, perm, U, bits=4, group_size=32, vec_dim=1)
+    vec = ex_op(W, perm, U, bits=4, group_size=32, ldlq_dim=D)
+    scalar = ex_op(W, perm, U, bits=4, group_size=32, ldlq_dim=1)
     assert torch.equal(vec[0], scalar[0])
     assert torch.equal(vec[5], scalar[5])
 
@@ -113,7 +114,7 @@ def test_covering_grid_never_clamps_its_range(gen):
     W, X, H = problem(gen, 16, 32)
     perm = torch.arange(32)
     U = ref.cholesky_U(H)
-    out = ex_op(W, perm, U, bits=2, group_size=8, grid="noclip", max_passes=50)
+    out = ex_op(W, perm, U, bits=2, group_size=8, grid="noclip", grid_passes=50)
     assert int(out[6].sum()) == 0 and int(out[7][0]) >= 1
     # every dequantized value within half a step of the code grid's span: codes are in range
     assert int(out[0].max()) <= 3
@@ -137,9 +138,9 @@ def test_config_accepts_static_groups_with_any_d():
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(vec_dim=3, group_size=16), "multiple of vec_dim"),
-    (dict(vec_dim=2, from_original=True), "from_original"),
-    (dict(vec_dim=0), "vec_dim"),
+    (dict(ldlq_dim=3, group_size=16), "multiple of ldlq_dim"),
+    (dict(ldlq_dim=2, from_original=True), "from_original"),
+    (dict(ldlq_dim=0), "ldlq_dim"),
     (dict(grid="noclip", mse=True), "mse"),
     (dict(grid="x"), "grid must be"),
 ])
@@ -189,6 +190,6 @@ def test_model_report_carries_clipping_and_slack():
 def test_meta_kernel_gives_the_cpu_shapes(gen):
     W, X, H = problem(gen, 6, 40)
     perm, U = torch.arange(40), ref.cholesky_U(H)
-    cpu = ex_op(W, perm, U, bits=3, group_size=16, vec_dim=4, grid="noclip")
-    meta = ex_op(W.to("meta"), perm.to("meta"), U.to("meta"), bits=3, group_size=16, vec_dim=4, grid="noclip")
+    cpu = ex_op(W, perm, U, bits=3, group_size=16, ldlq_dim=4, grid="noclip")
+    meta = ex_op(W.to("meta"), perm.to("meta"), U.to("meta"), bits=3, group_size=16, ldlq_dim=4, grid="noclip")
     assert [(t.shape, t.dtype) for t in meta] == [(t.shape, t.dtype) for t in cpu]

@@ -52,8 +52,10 @@ def ops():
 
 def gptq_op(W, perm, U, *, bits=4, group_size=-1, sym=False, mse=False, static_groups=False,
             from_original=False, block_size=128):
-    """torch.ops.lrgptq.gptq_quantize -> (codes, scales, zeros, g_idx, Q, row_loss)."""
-    return ops().gptq_quantize(W, perm, U, from_original, bits, group_size, sym, mse, static_groups, block_size)
+    """lrgptq.ops.gptq_quantize (scalar GPTQ) -> (codes, scales, zeros, g_idx, Q, row_loss)."""
+    from lrgptq import ops as lops
+    return tuple(lops.gptq_quantize(W, perm, U, from_original=from_original, bits=bits, group_size=group_size,
+                                    sym=sym, mse=mse, static_groups=static_groups, block_size=block_size))[:6]
 
 
 def factor_op(A, source, route, order="identity", *, damp=0.0, damp_ref="mean", max_retries=8,
