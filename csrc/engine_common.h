@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "checks.h"
 
@@ -50,6 +51,29 @@ void block_loop(at::Tensor& Tw, const at::Tensor& E, const at::Tensor& U, int64_
     lazy_update(Tw, E, U, i1, i2, k);
     i1 = i2;
   }
+}
+
+// The engines' first pass over W (CPU): the targets Tw = W[:, perm] (both (d_out, d) row-major),
+// and whether every value of W is finite, in one read of W. The engines then write Q and the
+// codes straight to the original columns (perm[j]), so no other permuted copy is made.
+template <typename T>
+bool gather_targets(const T* W, const int64_t* perm, bool identity, int64_t d_out, int64_t d, T* Tw) {
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, d_out, 1, [&](int64_t r0, int64_t r1) {
+    bool ok = true;
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* w = W + r * d;
+      T* t = Tw + r * d;
+      if (identity) {
+        std::copy(w, w + d, t);
+      } else {
+        for (int64_t j = 0; j < d; ++j) t[j] = w[perm[j]];
+      }
+      ok = finite_span(w, d) && ok;  // the row just read, still in cache
+    }
+    if (!ok) finite = false;
+  });
+  return finite;
 }
 
 // The inputs every engine takes, checked once: W (d_out, d) in the compute dtype, perm a permutation

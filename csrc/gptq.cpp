@@ -20,8 +20,10 @@
 
 #include <algorithm>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
+#include "clones.h"
 #include "cuda_ops.h"
 #include "engine_common.h"
 #include "gptq_blocks.h"
@@ -43,13 +45,14 @@ struct Problem {
   bool fixed;         // grids given (static groups, or a noclip pass): none computed at group starts
   T maxq;
   T* Tw;              // targets, (d_out, d) row-major, perm order
-  const T* W0;        // original weights in perm order (ql form) or nullptr
+  const T* W;         // the original weights (d_out, d), original order (read by the ql form)
   const T* U;         // (k, d) row-major, perm order
   const int64_t* perm;
+  const int64_t* col_group;  // (d) the group of column j (perm order): static ? perm[j] / gsz : j / gsz
   T* scales;          // (G, d_out)
   T* zeros;           // (G, d_out)
-  uint8_t* codes;     // (d_out, d), perm order
-  T* Qp;              // (d_out, d), perm order
+  uint8_t* codes;     // (d_out, d), original order: column j (perm order) lands at perm[j]
+  T* Q;               // (d_out, d), original order
   T* E;               // (d_out, B) scaled errors of the current block
   int64_t ldE;
   T* row_loss;        // (d_out)
@@ -57,60 +60,115 @@ struct Problem {
   T* tmin;            // (G, d_out) range of the targets seen per group and row, or nullptr
   T* tmax;
 
-  int64_t group(int64_t j) const { return (static_groups ? perm[j] : j) / gsz; }
   Grid<T> grid(int64_t j, int64_t r) const {
-    const int64_t i = group(j) * d_out + r;
+    const int64_t i = col_group[j] * d_out + r;
     return {scales[i], zeros[i]};
   }
-  // Group params at a group start from the fully updated targets t[j .. j + gsz).
-  void start_group(const T* t, int64_t j, int64_t r) const {
-    if (fixed || j % gsz != 0) return;
-    const Grid<T> g = find_grid(t + j, std::min(gsz, d - j), maxq, sym, mse);
-    scales[(j / gsz) * d_out + r] = g.scale;
-    zeros[(j / gsz) * d_out + r] = g.zero;
+  // Group params at a group start from the fully updated targets of the group's columns
+  // (target(i): column j + i of row r). Without fixed grids col_group[j] = j / gsz, so j starts its
+  // group when col_group[j]·gsz = j (no division).
+  template <typename At>
+  void start_group(const At& target, int64_t j, int64_t r) const {
+    if (fixed || col_group[j] * gsz != j) return;
+    const Grid<T> g = find_grid_fn<T>(target, std::min(gsz, d - j), maxq, sym, mse);
+    scales[col_group[j] * d_out + r] = g.scale;
+    zeros[col_group[j] * d_out + r] = g.zero;
   }
-  // Bookkeeping of target t_j of row r: clipping count and the range seen.
-  void note_target(T x, const Grid<T>& g, int64_t j, int64_t r) const {
-    if (is_clipped(x, g, maxq)) ++clipped[r];
+  // Bookkeeping of target t_j of row r with its unclamped code c: clipping count and the range seen.
+  void note_target(T x, T c, int64_t j, int64_t r) const {
+    if (c < 0 || c > maxq) ++clipped[r];
     if (tmin != nullptr) {
-      const int64_t i = group(j) * d_out + r;
+      const int64_t i = col_group[j] * d_out + r;
       tmin[i] = std::min(tmin[i], x);
       tmax[i] = std::max(tmax[i], x);
     }
   }
+  // Column j's code and value for row r, written to their original column.
+  T put(T c, const Grid<T>& g, int64_t j, int64_t r) const {
+    const T q = clamp_code(c, maxq);
+    const T value = dequant(q, g);
+    codes[r * d + perm[j]] = static_cast<uint8_t>(q);
+    Q[r * d + perm[j]] = value;
+    return value;
+  }
 };
 
-// The scalar step (docs/design.md §4): rows [r0, r1) through the block columns [i1, i2), one
-// column at a time: the sequential hot loop.
+// The scalar step (docs/design.md §4): rows [r0, r1) (at most kEngineRowTile) through the block
+// columns [i1, i2), one column at a time: the sequential hot loop. Each row's arithmetic is its own
+// and in column order, as written; the tile's rows go through each column together, so that the
+// quantizer runs on a vector of rows (one vector divide for the tile) and one row's chain of
+// latencies overlaps the others'.
+// The tile's block segment lives in a packed buffer (row stride w = i2 − i1, not d): with a
+// power-of-two d the rows of T, Q and the codes would share one L1 set. Its columns are not
+// written back (nothing reads them after the block); Q and the codes go out row by row at the end.
 template <typename T>
-void scalar_step(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t r1) {
-  const int64_t d = P.d;
-  for (int64_t r = r0; r < r1; ++r) {
-    T* t = P.Tw + r * d;
-    T* e = P.E + r * P.ldE;
-    T loss = 0;
-    for (int64_t j = i1; j < i2; ++j) {
-      P.start_group(t, j, r);
-      const Grid<T> g = P.grid(j, r);
-      P.note_target(t[j], g, j, r);
-      const T q = quant_code(t[j], g, P.maxq);
-      const T Q = dequant(q, g);
-      P.codes[r * d + j] = static_cast<uint8_t>(q);
-      P.Qp[r * d + j] = Q;
-      if (j >= P.k) {
-        e[j - i1] = 0;
-        continue;
-      }
-      const T* u = P.U + j * d;
-      const T base = P.from_original ? P.W0[r * d + j] : t[j];
-      const T err = (base - Q) / u[j];
-      const T res = (t[j] - Q) / u[j];
-      loss += res * res;
-      e[j - i1] = err;
-      for (int64_t l = j + 1; l < i2; ++l) t[l] -= err * u[l];
+LRGPTQ_INLINE void scalar_step_body(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t r1) {
+  const int64_t d = P.d, n = r1 - r0, w = i2 - i1;
+  thread_local std::vector<T> buf;
+  thread_local std::vector<uint8_t> code_buf;
+  buf.resize(2 * n * w);
+  code_buf.resize(n * w);
+  T* tile = buf.data();       // tile[a·w + c] = T[r0 + a, i1 + c]
+  T* tile_q = tile + n * w;   // Q of the same entries
+  uint8_t* tile_codes = code_buf.data();
+  for (int64_t a = 0; a < n; ++a) std::copy(P.Tw + (r0 + a) * d + i1, P.Tw + (r0 + a) * d + i2, tile + a * w);
+  T loss[kEngineRowTile] = {}, x[kEngineRowTile], base[kEngineRowTile], c[kEngineRowTile];
+  T value[kEngineRowTile], err[kEngineRowTile], scale[kEngineRowTile], zero[kEngineRowTile];
+  for (int64_t j = i1; j < i2; ++j) {
+    const T* u = P.U + j * d;
+    const int64_t pj = P.perm[j], gi = P.col_group[j] * P.d_out + r0, cj = j - i1;
+    for (int64_t a = 0; a < n; ++a) {
+      const T* t = tile + a * w;
+      const T* row = P.Tw + (r0 + a) * d;  // columns past the block (a group starting at i1)
+      P.start_group([&](int64_t i) { return j + i < i2 ? t[cj + i] : row[j + i]; }, j, r0 + a);
+      x[a] = t[cj];
+      base[a] = P.from_original ? P.W[(r0 + a) * d + pj] : x[a];
     }
-    P.row_loss[r] += loss;
+    for (int64_t a = 0; a < n; ++a) {  // vectorised over the rows
+      scale[a] = P.scales[gi + a];
+      zero[a] = P.zeros[gi + a];
+      c[a] = raw_code(x[a], Grid<T>{scale[a], zero[a]});
+      value[a] = dequant(clamp_code(c[a], P.maxq), Grid<T>{scale[a], zero[a]});
+    }
+    if (j < P.k) {
+      const T ujj = u[j];
+      for (int64_t a = 0; a < n; ++a) {  // vectorised over the rows
+        err[a] = (base[a] - value[a]) / ujj;
+        const T res = (x[a] - value[a]) / ujj;
+        loss[a] += res * res;
+      }
+    } else {
+      std::fill(err, err + n, T(0));  // past rank: rounded, no feedback
+    }
+    for (int64_t a = 0; a < n; ++a) {
+      const int64_t r = r0 + a;
+      P.note_target(x[a], c[a], j, r);
+      tile_codes[a * w + cj] = static_cast<uint8_t>(clamp_code(c[a], P.maxq));
+      tile_q[a * w + cj] = value[a];
+      P.E[r * P.ldE + cj] = err[a];
+      if (j >= P.k) continue;
+      T* t = tile + a * w - i1;  // t[l]: column l
+      const T ea = err[a];
+      for (int64_t l = j + 1; l < i2; ++l) t[l] -= ea * u[l];  // vectorised: one rounding each, as written
+    }
   }
+  for (int64_t a = 0; a < n; ++a) {
+    const int64_t r = r0 + a;
+    P.row_loss[r] += loss[a];
+    for (int64_t cj = 0; cj < w; ++cj) {  // to the original columns
+      P.codes[r * d + P.perm[i1 + cj]] = tile_codes[a * w + cj];
+      P.Q[r * d + P.perm[i1 + cj]] = tile_q[a * w + cj];
+    }
+  }
+}
+// Built for AVX-512 and AVX2 too (csrc/clones.h; the body inlined into each clone);
+// -ffp-contract=off keeps every product and difference separately rounded in each, so all builds
+// give the same bits.
+LRGPTQ_CLONES void scalar_step(const Problem<float>& P, int64_t i1, int64_t i2, int64_t r0, int64_t r1) {
+  scalar_step_body(P, i1, i2, r0, r1);
+}
+LRGPTQ_CLONES void scalar_step(const Problem<double>& P, int64_t i1, int64_t i2, int64_t r0, int64_t r1) {
+  scalar_step_body(P, i1, i2, r0, r1);
 }
 
 // Block LDLQ's choice for one row and one D-block J: the grid point q_J minimising
@@ -184,27 +242,23 @@ void ldlq_step(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t 
     T loss = 0;
     for (int64_t j0 = i1; j0 < i2; j0 += P.D) {
       const int64_t j1 = std::min(j0 + P.D, i2);
-      P.start_group(t, j0, r);  // D divides the group size: groups start at block starts
+      P.start_group([&](int64_t i) { return t[j0 + i]; }, j0, r);  // D divides the group size
       const int n = static_cast<int>(std::max<int64_t>(0, std::min(j1, P.k) - j0));
       for (int a = 0; a < j1 - j0; ++a) g[a] = P.grid(j0 + a, r);
       BlockSearch<T> S{n, t + j0, P.U + j0 * d + j0, d, g, P.maxq};
       if (n > 0) S.descend(0, 0);
       for (int a = 0; a < n; ++a) {  // z_J of the chosen codes, as the scalar loop would compute it
         const T c = S.centre(a);
-        const T Q = dequant(T(S.best_code[a]), g[a]);
+        const T Q = P.put(T(S.best_code[a]), g[a], j0 + a, r);
         S.z[a] = (c - Q) / P.U[(j0 + a) * d + j0 + a];
-        P.note_target(c, g[a], j0 + a, r);
-        P.codes[r * d + j0 + a] = static_cast<uint8_t>(S.best_code[a]);
-        P.Qp[r * d + j0 + a] = Q;
+        P.note_target(c, raw_code(c, g[a]), j0 + a, r);
         e[j0 + a - i1] = S.z[a];
         loss += S.z[a] * S.z[a];
       }
       for (int64_t j = j0 + n; j < j1; ++j) {  // past rank k: rounded, no feedback
-        const Grid<T>& gj = g[j - j0];
-        P.note_target(t[j], gj, j, r);
-        const T q = quant_code(t[j], gj, P.maxq);
-        P.codes[r * d + j] = static_cast<uint8_t>(q);
-        P.Qp[r * d + j] = dequant(q, gj);
+        const T c = raw_code(t[j], g[j - j0]);
+        P.note_target(t[j], c, j, r);
+        P.put(c, g[j - j0], j, r);
         e[j - i1] = 0;
       }
       for (int a = 0; a < n; ++a) {  // T_l −= z_a U_al for the block's later columns
@@ -305,20 +359,18 @@ EngineOut gptq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::T
   check_engine_inputs("gptq_quantize", W, perm, U_in);
   const GridKind grid = parse_grid(grid_name);
   check_settings(bits, group_size, block_size, from_original, mse, static_groups, ldlq_dim, grid, grid_passes);
-  check_finite(W, "gptq_quantize", "W");
   const int64_t d_out = W.size(0), d = W.size(1);
   const int64_t gsz = group_size == -1 ? std::max<int64_t>(d, 1) : group_size;
   const int64_t G = (d + gsz - 1) / gsz;  // the last group is shorter when gsz does not divide d
   const auto opts = W.options();
   at::Tensor Wc = W.contiguous();
-  const bool identity = at::equal(perm, at::arange(d, perm.options()));
-  at::Tensor Wp = identity ? Wc : Wc.index_select(1, perm).contiguous();
-  at::Tensor Tw = at::empty_like(Wp);
-  at::Tensor W0 = from_original ? Wp : at::Tensor();
+  at::Tensor perm_c = perm.contiguous();
+  const bool identity = at::equal(perm_c, at::arange(d, perm.options()));
   at::Tensor U = U_in.to(W.scalar_type()).contiguous();
+  at::Tensor Tw = at::empty_like(Wc);
   at::Tensor scales = at::zeros({G, d_out}, opts), zeros = at::zeros({G, d_out}, opts);
-  at::Tensor codes_p = at::empty({d_out, d}, opts.dtype(at::kByte));
-  at::Tensor Q_p = at::empty({d_out, d}, opts);
+  at::Tensor codes = at::empty({d_out, d}, opts.dtype(at::kByte));
+  at::Tensor Q = at::empty({d_out, d}, opts);
   // Blocks of B columns hold whole D-blocks.
   const int64_t B0 = std::min(block_size, std::max<int64_t>(d, 1));
   const int64_t B = std::max(ldlq_dim, B0 - B0 % ldlq_dim);
@@ -329,7 +381,6 @@ EngineOut gptq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::T
     tmin = at::zeros({G, d_out}, opts);
     tmax = at::zeros({G, d_out}, opts);
   }
-  at::Tensor perm_c = perm.contiguous();
   int64_t passes = 0;
 
   if (W.is_cuda()) {
@@ -337,32 +388,48 @@ EngineOut gptq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::T
     TORCH_CHECK(ldlq_dim == 1 && grid == GridKind::minmax,
                 "lrgptq.gptq_quantize: block LDLQ (ldlq_dim > 1) and grid 'noclip' run on the CPU only; "
                 "move W, perm and U to the CPU (.cpu()) or use ldlq_dim=1, grid='minmax' on CUDA");
+    check_finite(W, "gptq_quantize", "W");
+    // The kernel works in perm order throughout: targets, W0, codes and Q; mapped back after.
+    at::Tensor Wp = identity ? Wc : Wc.index_select(1, perm_c).contiguous();
     Tw.copy_(Wp);
-    gptq_engine_cuda({Tw, W0, Wc, U, perm_c, scales, zeros, codes_p, Q_p, row_loss, row_clipped},
+    at::Tensor codes_p = identity ? codes : at::empty_like(codes), Q_p = identity ? Q : at::empty_like(Q);
+    gptq_engine_cuda({Tw, from_original ? Wp : at::Tensor(), Wc, U, perm_c, scales, zeros, codes_p, Q_p, row_loss,
+                      row_clipped},
                      {gsz, bits, B, from_original, sym, mse, static_groups});
+    if (!identity) {
+      codes.index_copy_(1, perm_c, codes_p);
+      Q.index_copy_(1, perm_c, Q_p);
+    }
     passes = 1;
 #else
     TORCH_CHECK(false, "lrgptq.gptq_quantize: this build has no CUDA kernels; rebuild with a CUDA torch");
 #endif
   } else {
     at::Tensor E = at::zeros({d_out, B}, opts);
+    // The group of each column in perm order (static groups: its original column's group).
+    at::Tensor col_group = (static_groups ? perm_c : at::arange(d, perm.options())).div(gsz, "floor");
     AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "gptq_quantize", [&] {
+      const scalar_t* w = Wc.data_ptr<scalar_t>();
+      const int64_t* pm = perm_c.data_ptr<int64_t>();
       Problem<scalar_t> P{d_out, d, U.size(0), gsz, ldlq_dim, from_original, sym, mse, static_groups, static_groups,
-                          static_cast<scalar_t>((1 << bits) - 1), Tw.data_ptr<scalar_t>(),
-                          from_original ? W0.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
-                          perm_c.data_ptr<int64_t>(), scales.data_ptr<scalar_t>(), zeros.data_ptr<scalar_t>(),
-                          codes_p.data_ptr<uint8_t>(), Q_p.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(), B,
+                          static_cast<scalar_t>((1 << bits) - 1), Tw.data_ptr<scalar_t>(), w, U.data_ptr<scalar_t>(),
+                          pm, col_group.data_ptr<int64_t>(), scales.data_ptr<scalar_t>(), zeros.data_ptr<scalar_t>(),
+                          codes.data_ptr<uint8_t>(), Q.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(), B,
                           row_loss.data_ptr<scalar_t>(), row_clipped.data_ptr<int64_t>(),
                           tmin.defined() ? tmin.data_ptr<scalar_t>() : nullptr,
                           tmax.defined() ? tmax.data_ptr<scalar_t>() : nullptr};
-      if (static_groups) static_grids(P, Wc);
       at::Tensor prev_min, prev_max;  // ranges before the last pass
       while (true) {
         if (tmin.defined()) {
           prev_min = tmin.clone();
           prev_max = tmax.clone();
         }
-        Tw.copy_(Wp);
+        // The first pass over W: the targets in perm order, and W's check (before any grid is set).
+        const bool finite = gather_targets(w, pm, identity, d_out, d, P.Tw);
+        if (passes == 0) {
+          check_finite_found(finite, "gptq_quantize", "W");
+          if (static_groups) static_grids(P, Wc);
+        }
         row_loss.zero_();
         row_clipped.zero_();
         run_pass(P, Tw, U, E, B);
@@ -375,15 +442,12 @@ EngineOut gptq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::T
     });
   }
 
-  // Back to the original column order.
-  at::Tensor codes = identity ? codes_p : at::empty_like(codes_p).index_copy_(1, perm, codes_p);
-  at::Tensor Q = identity ? Q_p : at::empty_like(Q_p).index_copy_(1, perm, Q_p);
   at::Tensor g_idx;
   if (static_groups || identity) {
     g_idx = at::arange(d, opts.dtype(at::kInt)).div_(gsz, "floor");
   } else {  // act-order: group j // gsz assigned in perm order, mapped back
     g_idx = at::empty({d}, opts.dtype(at::kInt))
-                .index_copy_(0, perm, at::arange(d, opts.dtype(at::kInt)).div_(gsz, "floor"));
+                .index_copy_(0, perm_c, at::arange(d, opts.dtype(at::kInt)).div_(gsz, "floor"));
   }
   return {codes, scales, zeros, g_idx, Q, row_loss, row_clipped, at::full({1}, passes, opts.dtype(at::kLong))};
 }

@@ -51,14 +51,15 @@ struct Problem {
   int64_t d_out, d, k, D, K, gc, gr, Gc, Gr, em_iters;
   bool from_original, int8;
   T* Tw;               // targets (d_out, d), perm order
-  const T* W0;         // original weights in perm order (ql form) or nullptr
+  const T* W;          // original weights (d_out, d), original order (read by the ql form)
+  const int64_t* perm; // column j (perm order) is W's column perm[j]
   const T* U;          // (k, d)
   const T* Linv;       // (d/D, D, D): Ū⁻¹ of each column block (identity rows past rank)
   T* C;                // codebooks (Gc, Gr, K, D)
   T* cscale;           // (Gc, Gr) int8 scales (0 when not rounded)
   T* CP;               // (Gr, B/D, D, K): (C·Ū⁻¹)ᵀ for the current block
   int32_t* codes;      // (d_out, d/D)
-  T* Qp;               // (d_out, d)
+  T* Q;                // (d_out, d), original order
   T* E;                // (d_out, B)
   int64_t ldE;
   T* row_loss;         // (d_out)
@@ -78,7 +79,7 @@ inline void times_upper(const T* t, const T* L, int64_t D, T* y) {
 // Squared distances of y to K transformed centroids stored coordinate-major (CPt[a·K + c]): one
 // pass per coordinate, vectorised over the centroids; each sum runs a = 0, 1, ... as written.
 template <typename T>
-inline void sq_dists_body(const T* __restrict y, const T* __restrict CPt, int64_t K, int64_t D,
+LRGPTQ_INLINE void sq_dists_body(const T* __restrict y, const T* __restrict CPt, int64_t K, int64_t D,
                           T* __restrict dist) {
   for (int64_t c = 0; c < K; ++c) {
     const T r = y[0] - CPt[c];
@@ -272,9 +273,9 @@ void vq_step(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t r1
       P.codes[r * (d / D) + j / D] = static_cast<int32_t>(c);
       T res[kMaxD], err[kMaxD];
       for (int64_t a = 0; a < D; ++a) {
-        P.Qp[r * d + j + a] = q[a];
+        P.Q[r * d + P.perm[j + a]] = q[a];
         res[a] = t[j + a] - q[a];
-        err[a] = (P.from_original ? P.W0[r * d + j + a] : t[j + a]) - q[a];
+        err[a] = (P.from_original ? P.W[r * d + P.perm[j + a]] : t[j + a]) - q[a];
       }
       // E·Ū = base − q and R·Ū = t − q by forward substitution; nothing past rank.
       for (int64_t a = 0; a < D; ++a) {
@@ -376,12 +377,11 @@ VQOut vq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::Tensor&
   check_engine_inputs("vq_quantize", W, perm, U_in);
   const Shape S = vq_shape(W, dim, bits, group_cols, group_rows);
   check_settings(S, codebooks, em_iters, block_size, from_original);
-  check_finite(W, "vq_quantize", "W");
   const auto opts = W.options();
-  const bool identity = at::equal(perm, at::arange(S.d, perm.options()));
+  at::Tensor perm_c = perm.contiguous();
+  const bool identity = at::equal(perm_c, at::arange(S.d, perm.options()));
   at::Tensor Wc = W.contiguous();
-  at::Tensor Tw = identity ? Wc.clone() : Wc.index_select(1, perm).contiguous();
-  at::Tensor W0 = from_original ? Tw.clone() : at::Tensor();
+  at::Tensor Tw = at::empty_like(Wc);
   at::Tensor U = U_in.to(W.scalar_type()).contiguous();
   const bool fit = !codebooks.has_value();
   at::Tensor C = fit ? at::zeros({S.Gc, S.Gr, S.K, S.D}, opts) : codebooks->to(W.scalar_type()).contiguous().clone();
@@ -391,21 +391,22 @@ VQOut vq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::Tensor&
   at::Tensor CP = at::empty({S.Gr, B / S.D, S.K, S.D}, opts);
   at::Tensor Linv = at::empty({S.d / S.D, S.D, S.D}, opts);
   at::Tensor codes = at::empty({S.d_out, S.d / S.D}, opts.dtype(at::kInt));
-  at::Tensor Q_p = at::empty({S.d_out, S.d}, opts);
+  at::Tensor Q = at::empty({S.d_out, S.d}, opts);
   at::Tensor E = at::zeros({S.d_out, B}, opts);
   at::Tensor row_loss = at::zeros({S.d_out}, opts);
 
   AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "vq_quantize", [&] {
+    const scalar_t* w = Wc.data_ptr<scalar_t>();
+    const int64_t* pm = perm_c.data_ptr<int64_t>();
+    check_finite_found(gather_targets(w, pm, identity, S.d_out, S.d, Tw.data_ptr<scalar_t>()), "vq_quantize", "W");
     block_inverses<scalar_t>(U.size(0) == 0 ? at::zeros({0, S.d}, opts) : U, U.size(0), S.D, Linv);
     Problem<scalar_t> P{S.d_out, S.d, U.size(0), S.D, S.K, S.gc, S.gr, S.Gc, S.Gr, em_iters, from_original,
-                        fit && codebook_int8, Tw.data_ptr<scalar_t>(),
-                        from_original ? W0.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
+                        fit && codebook_int8, Tw.data_ptr<scalar_t>(), w, pm, U.data_ptr<scalar_t>(),
                         Linv.data_ptr<scalar_t>(), C.data_ptr<scalar_t>(), cscale.data_ptr<scalar_t>(),
-                        CP.data_ptr<scalar_t>(), codes.data_ptr<int32_t>(), Q_p.data_ptr<scalar_t>(),
+                        CP.data_ptr<scalar_t>(), codes.data_ptr<int32_t>(), Q.data_ptr<scalar_t>(),
                         E.data_ptr<scalar_t>(), B, row_loss.data_ptr<scalar_t>(), trace.data_ptr<scalar_t>()};
     run_engine(P, Tw, U, E, B, fit, bits);
   });
-  at::Tensor Q = identity ? Q_p : at::empty_like(Q_p).index_copy_(1, perm, Q_p);
   return {codes, C, cscale, Q, row_loss, trace};
 }
 
