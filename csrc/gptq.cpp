@@ -51,8 +51,8 @@ struct Problem {
   const int64_t* col_group;  // (d) the group of column j (perm order): static ? perm[j] / gsz : j / gsz
   T* scales;          // (G, d_out)
   T* zeros;           // (G, d_out)
-  uint8_t* codes;     // (d_out, d), original order: column j (perm order) lands at perm[j]
-  T* Q;               // (d_out, d), original order
+  uint8_t* codes;     // (d_out, d), perm order (unpermute_rows after the last pass)
+  T* Q;               // (d_out, d), perm order
   T* E;               // (d_out, B) scaled errors of the current block
   int64_t ldE;
   T* row_loss;        // (d_out)
@@ -83,12 +83,12 @@ struct Problem {
       tmax[i] = std::max(tmax[i], x);
     }
   }
-  // Column j's code and value for row r, written to their original column.
+  // Column j's code and value for row r.
   T put(T c, const Grid<T>& g, int64_t j, int64_t r) const {
     const T q = clamp_code(c, maxq);
     const T value = dequant(q, g);
-    codes[r * d + perm[j]] = static_cast<uint8_t>(q);
-    Q[r * d + perm[j]] = value;
+    codes[r * d + j] = static_cast<uint8_t>(q);
+    Q[r * d + j] = value;
     return value;
   }
 };
@@ -155,10 +155,8 @@ LRGPTQ_INLINE void scalar_step_body(const Problem<T>& P, int64_t i1, int64_t i2,
   for (int64_t a = 0; a < n; ++a) {
     const int64_t r = r0 + a;
     P.row_loss[r] += loss[a];
-    for (int64_t cj = 0; cj < w; ++cj) {  // to the original columns
-      P.codes[r * d + P.perm[i1 + cj]] = tile_codes[a * w + cj];
-      P.Q[r * d + P.perm[i1 + cj]] = tile_q[a * w + cj];
-    }
+    std::copy(tile_codes + a * w, tile_codes + (a + 1) * w, P.codes + r * d + i1);
+    std::copy(tile_q + a * w, tile_q + (a + 1) * w, P.Q + r * d + i1);
   }
 }
 // Built for AVX-512 and AVX2 too (csrc/clones.h; the body inlined into each clone);
@@ -438,6 +436,10 @@ EngineOut gptq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::T
         // next pass: the smallest grids that cover every target seen so far
         covering_grids(P, G, prev_min.data_ptr<scalar_t>(), prev_max.data_ptr<scalar_t>(), passes >= 2);
         P.fixed = true;
+      }
+      if (!identity) {
+        unpermute_rows(codes.data_ptr<uint8_t>(), pm, d_out, d);
+        unpermute_rows(Q.data_ptr<scalar_t>(), pm, d_out, d);
       }
     });
   }

@@ -59,7 +59,7 @@ struct Problem {
   T* cscale;           // (Gc, Gr) int8 scales (0 when not rounded)
   T* CP;               // (Gr, B/D, D, K): (C·Ū⁻¹)ᵀ for the current block
   int32_t* codes;      // (d_out, d/D)
-  T* Q;                // (d_out, d), original order
+  T* Q;                // (d_out, d), perm order (unpermute_rows at the end)
   T* E;                // (d_out, B)
   int64_t ldE;
   T* row_loss;         // (d_out)
@@ -273,7 +273,7 @@ void vq_step(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t r1
       P.codes[r * (d / D) + j / D] = static_cast<int32_t>(c);
       T res[kMaxD], err[kMaxD];
       for (int64_t a = 0; a < D; ++a) {
-        P.Q[r * d + P.perm[j + a]] = q[a];
+        P.Q[r * d + j + a] = q[a];
         res[a] = t[j + a] - q[a];
         err[a] = (P.from_original ? P.W[r * d + P.perm[j + a]] : t[j + a]) - q[a];
       }
@@ -406,6 +406,7 @@ VQOut vq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::Tensor&
                         CP.data_ptr<scalar_t>(), codes.data_ptr<int32_t>(), Q.data_ptr<scalar_t>(),
                         E.data_ptr<scalar_t>(), B, row_loss.data_ptr<scalar_t>(), trace.data_ptr<scalar_t>()};
     run_engine(P, Tw, U, E, B, fit, bits);
+    if (!identity) unpermute_rows(Q.data_ptr<scalar_t>(), pm, S.d_out, S.d);
   });
   return {codes, C, cscale, Q, row_loss, trace};
 }
