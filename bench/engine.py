@@ -11,7 +11,8 @@ rate is printed for reference.
 
     python bench/engine.py            # the table of docs/benchmarks.md
     python bench/engine.py --quick    # smoke run, small shapes
-    python bench/engine.py --breakdown  # the engine's non-GEMM pieces at 11008x4096
+    python bench/engine.py --breakdown  # the engine's pieces at 11008x4096
+    python bench/engine.py --floor 5    # engine / GEMM floor at 4096^2 and 11008x4096, best of 5
 """
 
 from __future__ import annotations
@@ -70,6 +71,18 @@ def lazy_sequence(d_out: int, d: int, U: torch.Tensor, runs: int, clean: common.
     return common.median(clean.times(seq, runs=max(runs, 3)))
 
 
+_T = {}
+
+
+def lazy_sequence_once(d_out: int, d: int, U: torch.Tensor) -> None:
+    """The engine's lazy updates T[:, i2:] -= E_blk @ U[i1:i2, i2:], once (buffers kept between calls)."""
+    if (d_out, d) not in _T:
+        _T[(d_out, d)] = (torch.randn(d_out, d), torch.randn(d_out, B))
+    T, E = _T[(d_out, d)]
+    for i1 in range(0, d - B, B):
+        T[:, i1 + B:].addmm_(E, U[i1:i1 + B, i1 + B:], beta=1, alpha=-1)
+
+
 def engine(W, perm, U):
     return ops.gptq_quantize(W, perm, U, from_original=False, bits=BITS, group_size=GS, sym=SYM, mse=False,
                              static_groups=False, block_size=B)
@@ -99,25 +112,61 @@ def measure(d_out, d, W, U, runs, clean):
 
 
 def breakdown(d_out: int, d: int, runs: int, quick: bool = False) -> None:
-    """What the engine does besides the GEMMs and the hot loop, timed piece by piece (plain torch calls
-    equivalent to the op's input checks and its permutation copies), next to the whole engine at k = 0."""
-    W = torch.randn(d_out, d) * 0.02
+    """The engine's pieces, timed in one run: the whole engine (identity and a random column order),
+    its lazy GEMMs alone, the engine at k = 0 (no feedback: the pass over W, the quantizer and the
+    outputs), and a plain copy of W (what one pass over W costs at least)."""
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(d_out, d, generator=gen) * 0.02
+    U = random_U(d, gen).float().contiguous()
     perm = torch.arange(d)
-    codes = torch.randint(0, 16, (d_out, d), dtype=torch.uint8)
-    Q = torch.randn(d_out, d)
+    shuffled = torch.randperm(d, generator=gen)
     U0 = torch.zeros(0, d)
     clean = common.Clean(not quick)
     pieces = [
+        ("engine, identity order", lambda: engine(W, perm, U)),
+        ("engine, random column order (same U)", lambda: engine(W, shuffled, U)),
+        ("its lazy GEMMs alone", lambda: lazy_sequence_once(d_out, d, U)),
         ("engine, U with 0 rows (k = 0)", lambda: engine(W, perm, U0)),
-        ("isfinite(W).all() (the op's check of W)", lambda: torch.isfinite(W).all().item()),
-        ("W.index_select(1, perm) (to perm order)", lambda: W.index_select(1, perm).contiguous()),
-        ("Q index_copy_(1, perm) (back to original order)", lambda: torch.empty_like(Q).index_copy_(1, perm, Q)),
-        ("codes index_copy_(1, perm)", lambda: torch.empty_like(codes).index_copy_(1, perm, codes)),
+        ("W.clone() (one pass over W)", lambda: W.clone()),
     ]
     rows = [[name, common.fmt_s(common.median(clean.times(fn, runs=runs)))] for name, fn in pieces]
-    common.table([f"{d_out}x{d}, float32, identity perm", "median time"], rows)
+    common.table([f"{d_out}x{d}, float32, 4-bit g128, B={B}", "median time"], rows)
     print()
     print(common.CLEAN_NOTE + f" Worst kept: {clean.note()}.")
+
+
+def floor_table(shapes, reps: int) -> None:
+    """The engine against its GEMM floor, on a busy machine: each repetition times, back to back, the
+    engine (identity and a random column order), the lazy-shape sgemm (for the floor) and the engine's
+    own lazy GEMMs; every time is the best of `reps` repetitions (the least disturbed), and the ratios
+    are of those bests. `uptime` before and after each shape."""
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for d_out, d in shapes:
+        U = random_U(d, gen).float().contiguous()
+        W = torch.randn(d_out, d, generator=gen) * 0.02
+        perm, shuffled = torch.arange(d), torch.randperm(d, generator=gen)
+        A, Bm, C = torch.randn(d_out, B), torch.randn(B, d), torch.randn(d_out, d)
+        before = common.load()
+        engine(W, perm, U)  # warm-up
+        t = {"eng": [], "perm": [], "gemm": [], "seq": []}
+        for _ in range(reps):
+            t["eng"] += common.time_it(lambda: engine(W, perm, U), runs=1, warmup=0)
+            t["perm"] += common.time_it(lambda: engine(W, shuffled, U), runs=1, warmup=0)
+            t["gemm"] += common.time_it(lambda: C.addmm_(A, Bm, beta=1, alpha=-1), runs=1, warmup=0)
+            t["seq"] += common.time_it(lambda: lazy_sequence_once(d_out, d, U), runs=1, warmup=0)
+        best = {k: min(v) for k, v in t.items()}
+        fl = lazy_flops(d_out, d, B)
+        floor = fl / (2 * d_out * B * d / best["gemm"])
+        rows.append([f"{d_out}x{d}", common.fmt_s(best["eng"]), common.fmt_s(best["perm"]), common.fmt_s(floor),
+                     f"{best['eng'] / floor:.2f}x", f"{best['perm'] / floor:.2f}x", common.fmt_s(best["seq"]),
+                     f"{best['eng'] / best['seq']:.2f}x", f"{before} / {common.load()}"])
+    common.table(["d_out x d", "engine", "engine, random order", "GEMM floor", "engine / floor",
+                  "random order / floor", "its lazy GEMMs alone", "engine / its GEMMs", "load avg before / after"],
+                 rows)
+    print()
+    print(f"Best of {reps} repetitions each (the machine is shared: the least disturbed run of each).")
+    print("GEMM floor = lazy GFLOP / sgemm rate of C(d_out x d) -= A(d_out x 128) @ B(128 x d).")
 
 
 def main() -> None:
@@ -125,11 +174,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: small shapes, 1 run each")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--breakdown", action="store_true",
-                    help="only: time the non-GEMM pieces of the engine at 11008x4096 (k = 0 path, checks, copies)")
+                    help="only: time the engine's pieces at 11008x4096 (whole, permuted, GEMMs alone, k = 0, a copy of W)")
+    ap.add_argument("--floor", type=int, metavar="REPS", default=0,
+                    help="only: the engine against its GEMM floor at 4096x4096 and 11008x4096, best of REPS")
     args = ap.parse_args()
     common.setup(args.threads)
+    if args.floor:
+        common.header("GPTQ engine against its GEMM floor (CPU, float32, 4-bit g128 asym, B=128)")
+        floor_table([(512, 512)] if args.quick else [(4096, 4096), (11008, 4096)], args.floor)
+        common.footer()
+        return
     if args.breakdown:
-        common.header("GPTQ engine: pieces besides the GEMMs (CPU, float32, 4-bit g128 asym)")
+        common.header("GPTQ engine: its pieces (CPU, float32, 4-bit g128 asym)")
         breakdown(*((512, 512) if args.quick else (11008, 4096)), 1 if args.quick else 3, args.quick)
         common.footer()
         return

@@ -7,3 +7,10 @@
 #else
 #define LRGPTQ_CLONES
 #endif
+// For a hot loop's body written once as a template and called from the clones: inlined into each,
+// so each clone compiles it for its own instruction set (a call would run the baseline build).
+#if defined(__GNUC__)
+#define LRGPTQ_INLINE __attribute__((always_inline)) inline
+#else
+#define LRGPTQ_INLINE inline
+#endif

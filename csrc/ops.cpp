@@ -3,33 +3,29 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(lrgptq, m) {
-  // Accumulators (docs/design.md §2): update a state in place from a batch X (..., d).
+  // Accumulators (DESIGN §2): update a state in place from a batch X (..., d).
   m.def("gram_update(Tensor(a!) H, Tensor X) -> ()");
   m.def("qr_update(Tensor(a!) R, Tensor X) -> ()");
   m.def("sketch_update(Tensor(a!) Y, Tensor X, int seed, int offset, str kind, int zeta) -> ()");
 
-  // Factor routes (docs/design.md §3): accumulator state -> column order and engine-ready factor.
+  // Factor routes (DESIGN §3): accumulator state -> column order and engine-ready factor.
   m.def(
       "factor(Tensor A, str source, str route, str order, float damp, str damp_ref, "
       "int max_retries, str truncation, float tau, ScalarType dtype) "
       "-> (Tensor perm, Tensor U, int rank, Tensor dead, Tensor info)");
 
-  // The GPTQ engine (docs/design.md §4).
+  // The GPTQ engine (docs/design.md §4) on the uniform grid: scalar GPTQ (ldlq_dim = 1) or block LDLQ
+  // (ldlq_dim = D columns chosen jointly, docs/design.md §5); grid 'minmax' (min-max or MSE range) or
+  // 'noclip' (passes until no target is clamped, at most grid_passes); row_clipped counts the
+  // clamped targets per row; grid_passes (1 value) the passes run.
   m.def(
       "gptq_quantize(Tensor W, Tensor perm, Tensor U, bool from_original, int bits, "
-      "int group_size, bool sym, bool mse, bool static_groups, int block_size) "
-      "-> (Tensor codes, Tensor scales, Tensor zeros, Tensor g_idx, Tensor Q, Tensor row_loss)");
-  // The same engine with block LDLQ (vec_dim = D columns chosen jointly; 1 = scalar GPTQ), the
-  // grid choice ('minmax' as above, or 'noclip': passes until no target is clamped, at most
-  // max_passes), and the count of clamped targets per row; info = [passes run].
-  m.def(
-      "gptq_quantize_ex(Tensor W, Tensor perm, Tensor U, bool from_original, int bits, "
-      "int group_size, bool sym, bool mse, bool static_groups, int block_size, int vec_dim=1, "
-      "str grid=\"minmax\", int max_passes=4) "
+      "int group_size, bool sym, bool mse, bool static_groups, int block_size, int ldlq_dim=1, "
+      "str grid=\"minmax\", int grid_passes=4) "
       "-> (Tensor codes, Tensor scales, Tensor zeros, Tensor g_idx, Tensor Q, Tensor row_loss, "
-      "Tensor row_clipped, Tensor info)");
+      "Tensor row_clipped, Tensor grid_passes)");
 
-  // The GPTQ checkpoint layout (docs/design.md §9): integer values <-> int32 words along a dimension.
+  // The GPTQ checkpoint layout (DESIGN §9): integer values <-> int32 words along a dimension.
   m.def("pack_bits(Tensor values, int bits, int dim) -> Tensor");
   m.def("unpack_bits(Tensor packed, int bits, int dim, int n) -> Tensor");
 
@@ -39,7 +35,7 @@ TORCH_LIBRARY(lrgptq, m) {
       "qmatmul(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, "
       "int zero_offset, Tensor? bias) -> Tensor");
 
-  // GPTVQ (docs/design.md §5): D-dimensional codebooks per (column group × row group), EM-fitted,
+  // GPTVQ (DESIGN §5): D-dimensional codebooks per (column group × row group), EM-fitted,
   // with the error-feedback loop on the D×D diagonal blocks of U. codes (d_out, d/dim) and Q's
   // columns are in perm order; Q comes back in the original column order.
   m.def(

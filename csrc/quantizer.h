@@ -1,7 +1,7 @@
 // The uniform grid of GPTQ's quantizer (docs/design.md §4): per row and group,
 //   scale = (xmax − xmin)/maxq, zero = round(−xmin/scale) (sym: 2^(bits−1)),
 //   q = clamp(round(x/scale) + zero, 0, maxq), dequant = scale·(q − zero).
-// Rounding is half-to-even (nearbyint in the default mode), as torch.round.
+// Rounding is half-to-even (nearbyint in the default mode), as torch.round: round_even below.
 // Shared by the CPU engine and the CUDA engine (LRGPTQ_HD): the same operations in the same order,
 // so in float64 both give the same grids bit for bit (the MSE search's pow excepted: CUDA's pow
 // is not correctly rounded, so a near-tie between two shrink factors may go the other way).
@@ -21,15 +21,42 @@ struct Grid {
   T zero;
 };
 
+// std::nearbyint in the default rounding mode (half to even), bit for bit, -0 included, without the
+// libm call that baseline x86-64 (no SSE4.1 rounding instruction) makes of it on the CPU: for
+// |x| < 2^p (p: the significand's fraction bits, 52 or 23), |x| + 2^p lies where the spacing of the
+// numbers is 1, so the addition rounds |x| to an integer half to even and subtracting 2^p is exact;
+// larger |x| are integers already (NaN and Inf pass through). The sign is copied back.
+template <typename T>
+LRGPTQ_HD inline T round_even(T x) {
+#ifdef __CUDA_ARCH__
+  return nearbyint(x);
+#else
+  constexpr T two_p = T(1) / std::numeric_limits<T>::epsilon();
+  const T a = std::abs(x);
+  return std::copysign(a < two_p ? (a + two_p) - two_p : a, x);
+#endif
+}
+
+// The unclamped code round(x/scale) + zero.
+template <typename T>
+LRGPTQ_HD inline T raw_code(T x, const Grid<T>& g) {
+  return round_even(x / g.scale) + g.zero;
+}
+
+template <typename T>
+LRGPTQ_HD inline T clamp_code(T c, T maxq) {
+  return std::min(std::max(c, T(0)), maxq);
+}
+
 template <typename T>
 LRGPTQ_HD inline T quant_code(T x, const Grid<T>& g, T maxq) {
-  return std::min(std::max(std::nearbyint(x / g.scale) + g.zero, T(0)), maxq);
+  return clamp_code(raw_code(x, g), maxq);
 }
 
 // Clipping: x's rounded code falls outside 0..maxq, so quant_code clamps it.
 template <typename T>
 LRGPTQ_HD inline bool is_clipped(T x, const Grid<T>& g, T maxq) {
-  const T c = std::nearbyint(x / g.scale) + g.zero;
+  const T c = raw_code(x, g);
   return c < 0 || c > maxq;
 }
 
@@ -43,7 +70,7 @@ template <typename T>
 LRGPTQ_HD inline Grid<T> grid_from_range(T xmin, T xmax, T maxq, bool sym) {
   Grid<T> g;
   g.scale = (xmax - xmin) / maxq;
-  g.zero = sym ? std::nearbyint((maxq + 1) / 2) : std::nearbyint(-xmin / g.scale);
+  g.zero = sym ? round_even((maxq + 1) / 2) : round_even(-xmin / g.scale);
   return g;
 }
 
@@ -101,7 +128,7 @@ inline Grid<T> covering_grid(T xmin, T xmax, T maxq, bool sym) {
     xmax = 1;
   }
   auto scale_for = [&](T z) { return std::max(-xmin / (z + T(0.5)), xmax / (maxq - z + T(0.5))); };
-  Grid<T> best{scale_for(std::nearbyint((maxq + 1) / 2)), std::nearbyint((maxq + 1) / 2)};
+  Grid<T> best{scale_for(round_even((maxq + 1) / 2)), round_even((maxq + 1) / 2)};
   if (!sym) {
     for (T z = 0; z <= maxq; z += 1) {
       const T s = scale_for(z);

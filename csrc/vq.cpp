@@ -1,4 +1,5 @@
-// GPTVQ: vector quantization with error feedback (arXiv 2402.15319; docs/design.md §5).
+// GPTVQ: vector quantization with error feedback (arXiv 2402.15319; docs/design.md §5): the VQ step
+// of the one block loop (csrc/engine_common.h).
 //
 // Columns, in perm order, are taken D at a time (D ∈ {1, 2, 4}). With targets T (initially
 // W[:, perm]) and Ū = U[j:j+D, j:j+D] (the D×D diagonal block of the factor, H⁻¹ = UᵀU):
@@ -7,7 +8,7 @@
 //   E·Ū = base − q  (forward substitution; base = t, or the original w for the ql form, D = 1 only)
 //   T[:, l] −= E · U[j:j+D, l]  for l ≥ j + D (inside the block; one GEMM for the columns after it)
 //   loss += ‖(t − q)·Ū⁻¹‖².
-// With D = 1 every step is GPTQ's (docs/design.md §4), operation for operation.
+// With D = 1 every step is GPTQ's (DESIGN §4), operation for operation.
 //
 // Codebooks: K = 2^(bits·D) centroids of D values per (column group × row group); gc columns
 // (a multiple of D) by gr rows. At a column group's first column (always a block start, so every
@@ -50,14 +51,15 @@ struct Problem {
   int64_t d_out, d, k, D, K, gc, gr, Gc, Gr, em_iters;
   bool from_original, int8;
   T* Tw;               // targets (d_out, d), perm order
-  const T* W0;         // original weights in perm order (ql form) or nullptr
+  const T* W;          // original weights (d_out, d), original order (read by the ql form)
+  const int64_t* perm; // column j (perm order) is W's column perm[j]
   const T* U;          // (k, d)
   const T* Linv;       // (d/D, D, D): Ū⁻¹ of each column block (identity rows past rank)
   T* C;                // codebooks (Gc, Gr, K, D)
   T* cscale;           // (Gc, Gr) int8 scales (0 when not rounded)
   T* CP;               // (Gr, B/D, D, K): (C·Ū⁻¹)ᵀ for the current block
   int32_t* codes;      // (d_out, d/D)
-  T* Qp;               // (d_out, d)
+  T* Q;                // (d_out, d), perm order (unpermute_rows at the end)
   T* E;                // (d_out, B)
   int64_t ldE;
   T* row_loss;         // (d_out)
@@ -77,7 +79,7 @@ inline void times_upper(const T* t, const T* L, int64_t D, T* y) {
 // Squared distances of y to K transformed centroids stored coordinate-major (CPt[a·K + c]): one
 // pass per coordinate, vectorised over the centroids; each sum runs a = 0, 1, ... as written.
 template <typename T>
-inline void sq_dists_body(const T* __restrict y, const T* __restrict CPt, int64_t K, int64_t D,
+LRGPTQ_INLINE void sq_dists_body(const T* __restrict y, const T* __restrict CPt, int64_t K, int64_t D,
                           T* __restrict dist) {
   for (int64_t c = 0; c < K; ++c) {
     const T r = y[0] - CPt[c];
@@ -249,9 +251,9 @@ void fit_codebook(const Problem<T>& P, int64_t cg, int64_t rg, int64_t bits) {
   }
 }
 
-// Rows [r0, r1) through the block columns [i1, i2), D columns at a time.
+// The VQ step: rows [r0, r1) through the block columns [i1, i2), D columns at a time.
 template <typename T>
-void block_rows(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t r1) {
+void vq_step(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t r1) {
   const int64_t d = P.d, D = P.D, K = P.K, nbB = P.ldE / D;
   const int64_t cg = i1 / P.gc;
   std::vector<T> scratch(K);
@@ -271,9 +273,9 @@ void block_rows(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t
       P.codes[r * (d / D) + j / D] = static_cast<int32_t>(c);
       T res[kMaxD], err[kMaxD];
       for (int64_t a = 0; a < D; ++a) {
-        P.Qp[r * d + j + a] = q[a];
+        P.Q[r * d + j + a] = q[a];
         res[a] = t[j + a] - q[a];
-        err[a] = (P.from_original ? P.W0[r * d + j + a] : t[j + a]) - q[a];
+        err[a] = (P.from_original ? P.W[r * d + P.perm[j + a]] : t[j + a]) - q[a];
       }
       // E·Ū = base − q and R·Ū = t − q by forward substitution; nothing past rank.
       for (int64_t a = 0; a < D; ++a) {
@@ -301,13 +303,14 @@ void block_rows(const Problem<T>& P, int64_t i1, int64_t i2, int64_t r0, int64_t
   }
 }
 
+// The engine: the block loop of csrc/engine_common.h with the VQ step.
 template <typename T>
 void run_engine(Problem<T>& P, at::Tensor& Tw, const at::Tensor& U, const at::Tensor& E, int64_t B,
                 bool fit, int64_t bits) {
   const int64_t nbB = B / P.D;
-  for (int64_t i1 = 0; i1 < P.d;) {
-    // Every column group starts a block: its codebooks see the fully updated targets.
-    const int64_t i2 = std::min({i1 + B, P.d, (i1 / P.gc + 1) * P.gc});
+  // Every column group starts a block: its codebooks see the fully updated targets.
+  const auto end = [&](int64_t i1) { return std::min({i1 + B, P.d, (i1 / P.gc + 1) * P.gc}); };
+  const auto prepare = [&](int64_t i1, int64_t i2) {
     const int64_t cg = i1 / P.gc;
     if (fit && i1 % P.gc == 0)
       at::parallel_for(0, P.Gr, 1, [&](int64_t g0, int64_t g1) {
@@ -322,10 +325,9 @@ void run_engine(Problem<T>& P, at::Tensor& Tw, const at::Tensor& U, const at::Te
                              P.CP + (rg * nbB + (j - i1) / P.D) * P.K * P.D);
         }
     });
-    for_row_tiles(P.d_out, [&](int64_t r0, int64_t r1) { block_rows(P, i1, i2, r0, r1); });
-    lazy_update(Tw, E, U, i1, i2, P.k);
-    i1 = i2;
-  }
+  };
+  block_loop(Tw, E, U, P.k, end, prepare,
+             [&](int64_t i1, int64_t i2, int64_t r0, int64_t r1) { vq_step(P, i1, i2, r0, r1); });
 }
 
 struct Shape {
@@ -334,7 +336,7 @@ struct Shape {
 
 Shape vq_shape(const at::Tensor& W, int64_t dim, int64_t bits, int64_t group_cols, int64_t group_rows) {
   constexpr const char* op = "lrgptq.vq_quantize";
-  TORCH_CHECK(W.dim() == 2, op, ": W must be 2-D (d_out, d), got shape ", W.sizes());
+  TORCH_CHECK(W.dim() == 2, op, ": W must be 2-D (d_out, d), got shape ", W.sizes());  // also for Meta
   TORCH_CHECK(dim == 1 || dim == 2 || dim == 4, op, ": dim (the codebook dimension D) must be 1, 2 or 4, got ", dim);
   TORCH_CHECK(bits >= 1 && bits * dim <= 12, op, ": bits per weight must be >= 1 with bits·dim <= 12 (K = 2^(bits·dim) <= 4096 centroids), got bits=", bits, " dim=", dim);
   const int64_t d_out = W.size(0), d = W.size(1);
@@ -349,30 +351,16 @@ Shape vq_shape(const at::Tensor& W, int64_t dim, int64_t bits, int64_t group_col
   return {d_out, d, dim, int64_t(1) << (bits * dim), gc, gr, (d + gc - 1) / gc, (d_out + gr - 1) / gr};
 }
 
-void check_inputs(const at::Tensor& W, const at::Tensor& perm, const at::Tensor& U, const Shape& S,
-                  const std::optional<at::Tensor>& codebooks, int64_t em_iters, int64_t block_size,
-                  bool from_original) {
+// The codebooks' own settings (W, perm and U: check_engine_inputs).
+void check_settings(const Shape& S, const std::optional<at::Tensor>& codebooks, int64_t em_iters,
+                    int64_t block_size, bool from_original) {
   constexpr const char* op = "lrgptq.vq_quantize";
-  TORCH_CHECK(W.scalar_type() == at::kDouble || W.scalar_type() == at::kFloat, op,
-              ": W must be float32 or float64 (the compute dtype), got ", W.scalar_type());
   TORCH_CHECK(block_size >= S.D, op, ": block_size must be >= dim = ", S.D, ", got ", block_size);
   TORCH_CHECK(em_iters >= 0, op, ": em_iters must be >= 0, got ", em_iters);
   // The ql form's loss couples a block's columns through L's D×D block around targets other than
   // T, so the joint assignment here (weighted by Ū⁻¹, around T) holds for D = 1 only.
   TORCH_CHECK(!from_original || S.D == 1, op, ": from_original (the ql form) supports dim = 1 only, got dim = ",
               S.D, "; use route 'cholesky' or 'svdqr' for vector quantization");
-  TORCH_CHECK(perm.dim() == 1 && perm.size(0) == S.d && perm.scalar_type() == at::kLong, op,
-              ": perm must be an int64 vector of length d = ", S.d, ", got ", perm.scalar_type(), " of shape ",
-              perm.sizes());
-  TORCH_CHECK(S.d == 0 || at::equal(std::get<0>(at::sort(perm)), at::arange(S.d, perm.options())), op,
-              ": perm must be a permutation of 0..d-1");
-  TORCH_CHECK(U.dim() == 2 && U.size(1) == S.d && U.size(0) <= S.d, op, ": U must be (k, d) with k <= d = ", S.d,
-              ", got shape ", U.sizes());
-  check_float(U, "vq_quantize", "U");
-  check_finite(W, "vq_quantize", "W");
-  check_finite(U, "vq_quantize", "U");
-  TORCH_CHECK(U.size(0) == 0 || (U.diagonal() != 0).all().item<bool>(), op,
-              ": U has a zero pivot U_jj; the factor route must put columns past rank last");
   if (codebooks) {
     TORCH_CHECK(codebooks->dim() == 4 && codebooks->size(0) == S.Gc && codebooks->size(1) == S.Gr &&
                     codebooks->size(2) == S.K && codebooks->size(3) == S.D,
@@ -386,13 +374,14 @@ void check_inputs(const at::Tensor& W, const at::Tensor& perm, const at::Tensor&
 VQOut vq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::Tensor& U_in, bool from_original,
                   int64_t dim, int64_t bits, int64_t group_cols, int64_t group_rows, int64_t em_iters,
                   bool codebook_int8, const std::optional<at::Tensor>& codebooks, int64_t block_size) {
+  check_engine_inputs("vq_quantize", W, perm, U_in);
   const Shape S = vq_shape(W, dim, bits, group_cols, group_rows);
-  check_inputs(W, perm, U_in, S, codebooks, em_iters, block_size, from_original);
+  check_settings(S, codebooks, em_iters, block_size, from_original);
   const auto opts = W.options();
-  const bool identity = at::equal(perm, at::arange(S.d, perm.options()));
+  at::Tensor perm_c = perm.contiguous();
+  const bool identity = at::equal(perm_c, at::arange(S.d, perm.options()));
   at::Tensor Wc = W.contiguous();
-  at::Tensor Tw = identity ? Wc.clone() : Wc.index_select(1, perm).contiguous();
-  at::Tensor W0 = from_original ? Tw.clone() : at::Tensor();
+  at::Tensor Tw = at::empty_like(Wc);
   at::Tensor U = U_in.to(W.scalar_type()).contiguous();
   const bool fit = !codebooks.has_value();
   at::Tensor C = fit ? at::zeros({S.Gc, S.Gr, S.K, S.D}, opts) : codebooks->to(W.scalar_type()).contiguous().clone();
@@ -402,21 +391,23 @@ VQOut vq_quantize(const at::Tensor& W, const at::Tensor& perm, const at::Tensor&
   at::Tensor CP = at::empty({S.Gr, B / S.D, S.K, S.D}, opts);
   at::Tensor Linv = at::empty({S.d / S.D, S.D, S.D}, opts);
   at::Tensor codes = at::empty({S.d_out, S.d / S.D}, opts.dtype(at::kInt));
-  at::Tensor Q_p = at::empty({S.d_out, S.d}, opts);
+  at::Tensor Q = at::empty({S.d_out, S.d}, opts);
   at::Tensor E = at::zeros({S.d_out, B}, opts);
   at::Tensor row_loss = at::zeros({S.d_out}, opts);
 
   AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "vq_quantize", [&] {
+    const scalar_t* w = Wc.data_ptr<scalar_t>();
+    const int64_t* pm = perm_c.data_ptr<int64_t>();
+    check_finite_found(gather_targets(w, pm, identity, S.d_out, S.d, Tw.data_ptr<scalar_t>()), "vq_quantize", "W");
     block_inverses<scalar_t>(U.size(0) == 0 ? at::zeros({0, S.d}, opts) : U, U.size(0), S.D, Linv);
     Problem<scalar_t> P{S.d_out, S.d, U.size(0), S.D, S.K, S.gc, S.gr, S.Gc, S.Gr, em_iters, from_original,
-                        fit && codebook_int8, Tw.data_ptr<scalar_t>(),
-                        from_original ? W0.data_ptr<scalar_t>() : nullptr, U.data_ptr<scalar_t>(),
+                        fit && codebook_int8, Tw.data_ptr<scalar_t>(), w, pm, U.data_ptr<scalar_t>(),
                         Linv.data_ptr<scalar_t>(), C.data_ptr<scalar_t>(), cscale.data_ptr<scalar_t>(),
-                        CP.data_ptr<scalar_t>(), codes.data_ptr<int32_t>(), Q_p.data_ptr<scalar_t>(),
+                        CP.data_ptr<scalar_t>(), codes.data_ptr<int32_t>(), Q.data_ptr<scalar_t>(),
                         E.data_ptr<scalar_t>(), B, row_loss.data_ptr<scalar_t>(), trace.data_ptr<scalar_t>()};
     run_engine(P, Tw, U, E, B, fit, bits);
+    if (!identity) unpermute_rows(Q.data_ptr<scalar_t>(), pm, S.d_out, S.d);
   });
-  at::Tensor Q = identity ? Q_p : at::empty_like(Q_p).index_copy_(1, perm, Q_p);
   return {codes, C, cscale, Q, row_loss, trace};
 }
 

@@ -5,11 +5,7 @@
 # Usage: scripts/dev_build.sh [python]   (default: .venv/bin/python, else python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${1:-}"
-if [ -z "$PY" ]; then
-  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
-fi
-PY="$(command -v "$PY")"
+. scripts/pick_python.sh "${1:-}"
 cmake -S . -B build/dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$PY" \
   -DLRGPTQ_CUDA="${LRGPTQ_CUDA:-OFF}" >/dev/null
 cmake --build build/dev

@@ -29,7 +29,7 @@ pytestmark = [
 ]
 
 F64 = torch.float64
-OPS = ("gram_update", "qr_update", "sketch_update", "factor", "gptq_quantize", "gptq_quantize_ex", "pack_bits",
+OPS = ("gram_update", "qr_update", "sketch_update", "factor", "gptq_quantize", "pack_bits",
        "unpack_bits", "qmatmul")
 
 
@@ -120,7 +120,7 @@ def test_engine_blocks_match_cpu(gen, block_size, group_size):
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_engine_ex_counts_clipping_as_the_cpu(gen, bits):
-    """gptq_quantize_ex (scalar, min-max grid) on CUDA: the CPU's codes and per-row clip counts."""
+    """gptq_quantize (scalar, min-max grid) on CUDA: the CPU's codes and per-row clip counts."""
     W, X, H = problem(gen, 70, 100)
     W[:, :5] *= 4  # outlier columns: the feedback pushes targets past the min-max grid
     perm = make_perm("act", H, gen)

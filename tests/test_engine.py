@@ -134,6 +134,48 @@ def test_nonfinite_W_names_W(gen, bad, dtype):
         gptq(W.to(dtype), torch.arange(32), ref.cholesky_U(H).to(dtype), bits=4)
 
 
+@pytest.mark.parametrize("where", ["first", "last", "middle"])
+@pytest.mark.parametrize("perm_kind", ["identity", "random"])
+@pytest.mark.parametrize("engine", ["gptq", "vq"])
+def test_nonfinite_anywhere_is_refused(gen, where, perm_kind, engine):
+    """W is checked on the engines' first pass over it (the gather into perm order, split over
+    threads by rows): a bad value in any row, at either end, is found, with the message naming W;
+    a bad U is refused too, naming U."""
+    from lrgptq import ops as lops
+    d_out, d = 67, 64
+    W, X, H = problem(gen, d_out, d)
+    perm = make_perm(perm_kind, H, gen)
+    U = ref.cholesky_U(H, perm)
+    r, c = {"first": (0, 0), "last": (d_out - 1, d - 1), "middle": (33, 17)}[where]
+
+    def run(W, U):
+        if engine == "gptq":
+            return gptq_op(W, perm, U, bits=3, group_size=32)
+        return lops.vq_quantize(W, perm, U, from_original=False, dim=2, bits=2, group_cols=32, group_rows=-1,
+                                em_iters=2, codebook_int8=False)
+
+    run(W, U)  # the clean problem runs
+    Wb = W.clone()
+    Wb[r, c] = float("inf")
+    with pytest.raises(RuntimeError, match=r"W contains NaN or Inf"):
+        run(Wb, U)
+    Ub = U.clone()
+    Ub[c, c] = float("nan")
+    with pytest.raises(RuntimeError, match=r"U contains NaN or Inf"):
+        run(W, Ub)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rounding_ties_go_to_even(dtype):
+    """The quantizer rounds half to even (as torch.round and nearbyint), -0 to 0: with the grid of
+    [0, 15] at 4 bits (scale 1, zero 0) and no feedback (U with 0 rows), codes are round(x)."""
+    x = torch.tensor([0.0, 15.0, 0.5, 1.5, 2.5, 3.5, 4.5, 13.5, 14.5, -0.0, 2.4999999, 7.5000001], dtype=dtype)
+    W = x.repeat(3, 1)
+    out = gptq_op(W, torch.arange(x.numel()), torch.zeros(0, x.numel(), dtype=dtype), bits=4)
+    assert torch.equal(out[0][0].to(dtype), torch.round(x).clamp(0, 15)), out[0][0].tolist()
+    assert out[1][0, 0] == 1 and out[2][0, 0] == 0
+
+
 def _bad_calls(d):
     U = ref.cholesky_U(problem(torch.Generator().manual_seed(0), 1, d)[2])
     W = torch.randn(3, d, dtype=F64)

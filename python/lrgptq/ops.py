@@ -88,7 +88,7 @@ class Quantized(NamedTuple):
     Q: torch.Tensor  # (d_out, d) dequantized
     row_loss: torch.Tensor  # (d_out,) Σ_j (t_j − q_j)²/U_jj²
     row_clipped: torch.Tensor  # int64 (d_out,): targets clamped to the grid's end codes
-    grid_passes: int  # passes the grid ran (noclip: up to max; minmax: 1)
+    grid_passes: int  # passes the grid ran (noclip: up to the grid_passes asked; minmax: 1)
 
 
 def gptq_quantize(
@@ -108,8 +108,8 @@ def gptq_quantize(
     grid_passes: int = 4,
 ) -> Quantized:
     """GPTQ's error-feedback engine (scalar grid; block LDLQ when ``ldlq_dim`` > 1)."""
-    out = _ops.gptq_quantize_ex(W, perm, U, from_original, bits, group_size, sym, mse, static_groups, block_size,
-                                ldlq_dim, grid, grid_passes)
+    out = _ops.gptq_quantize(W, perm, U, from_original, bits, group_size, sym, mse, static_groups, block_size,
+                             ldlq_dim, grid, grid_passes)
     return Quantized(*out[:7], int(out[7][0]))
 
 
