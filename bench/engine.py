@@ -33,7 +33,7 @@ def random_U(d: int, gen: torch.Generator) -> torch.Tensor:
     """U (d×d upper, float64) from the cholesky route of H = XᵀX, X: 2d tokens, uneven channel scales."""
     X = torch.randn(2 * d, d, generator=gen) * torch.exp(0.5 * torch.randn(d, generator=gen))
     H = (X.T @ X).double()
-    perm, U, k, dead, info = torch.ops.lrgptq.factor(H, "gram", "cholesky", "identity", 0.01, "mean", 8,
+    perm, U, k, dead, *_ = torch.ops.lrgptq.factor(H, "gram", "cholesky", "identity", 0.01, "mean", 8,
                                                      "rel", 1e-4, torch.float64)
     assert k == d and torch.equal(perm, torch.arange(d))
     return U

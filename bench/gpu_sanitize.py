@@ -21,7 +21,7 @@ def main() -> None:
         X = torch.randn(3 * d, d, generator=gen, dtype=torch.float64)
         H = X.T @ X
         for static, order in ((False, "identity"), (False, "act"), (True, "act")):
-            perm, U, k, dead, info = OPS.factor(H, "gram", "cholesky", order, 0.01, "mean", 8, "none", 0.0,
+            perm, U, k, dead, *_ = OPS.factor(H, "gram", "cholesky", order, 0.01, "mean", 8, "none", 0.0,
                                                 torch.float64)
             W = torch.randn(d_out, d, generator=gen, dtype=torch.float64)
             for dtype in (torch.float64, torch.float32):

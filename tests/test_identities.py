@@ -43,14 +43,15 @@ def merged(a, b):
 def test_cholesky_and_svdqr_give_the_same_factor(gen, order):
     W, X, H = problem(gen, 12, 40)
     Hop, Rop = gram_op(X), qr_op([X], 40)
-    pc, Uc, kc, dead_c, info_c = factor_op(Hop, "gram", "cholesky", order)
-    ps, Us, ks, dead_s, info_s = factor_op(Rop, "qr", "svdqr", order)
+    fc = factor_op(Hop, "gram", "cholesky", order)
+    pc, Uc, kc, dead_c = fc[:4]
+    ps, Us, ks, dead_s = factor_op(Rop, "qr", "svdqr", order)[:4]
     assert torch.equal(pc, ps)
     expect = {"identity": torch.arange(40), "babai": torch.arange(39, -1, -1),
               "act": torch.argsort(torch.diagonal(H), descending=True, stable=True)}[order]
     assert torch.equal(pc.long(), expect)
     assert kc == ks == 40 and Uc.shape == Us.shape == (40, 40)
-    assert info_c[0].item() == 0 and info_c[1].item() == 0  # lambda 0, no retry
+    assert fc.damp_lambda == 0 and fc.damp_retries == 0  # lambda 0, no retry
     tol = 1e-8 * kappa(X)
     assert relerr(Uc, Us) < tol
     assert relerr(Uc, ref.cholesky_U(H, expect)) < tol
@@ -61,7 +62,7 @@ def test_cholesky_and_svdqr_give_the_same_factor(gen, order):
 @pytest.mark.parametrize("order", ["identity", "act", "babai"])
 @pytest.mark.parametrize("gs,static", [(-1, False), (8, True)])
 def test_ql_route_same_codes_and_losses(gen, order, gs, static):
-    """ql hands back an engine-ready U (used with from_original = info[5]), not an inverse factor: compare
+    """ql hands back an engine-ready U (used with its from_original), not an inverse factor: compare
     what it produces. Same codes as cholesky when group params never read partially updated targets
     (per-row or static groups); with dynamic groups the two formulations legitimately differ."""
     W, X, H = problem(gen, 10, 40)
@@ -84,7 +85,7 @@ def test_truncated_svdqr_is_the_kept_pseudo_inverse(gen, order, truncation, tau)
     s = torch.cat([torch.logspace(0, -2, k_true, dtype=F64), 1e-11 * torch.rand(d - k_true, generator=gen, dtype=F64)])
     X = (torch.linalg.qr(randn(gen, N, d)).Q * s) @ random_orthogonal(gen, d)
     R = qr_op([X], d)
-    perm, U, k, dead, info = factor_op(R, "qr", "svdqr", order, truncation=truncation, tau=tau)
+    perm, U, k, dead = factor_op(R, "qr", "svdqr", order, truncation=truncation, tau=tau)[:4]
     assert k == k_true and U.shape == (k, d)
     _, S, Vh = torch.linalg.svd(ref.qr_R(X))
     Hk_pinv = (Vh[:k].T / S[:k] ** 2) @ Vh[:k]
@@ -194,7 +195,7 @@ def test_sparse_sketch_columns(gen, zeta):
 @pytest.mark.parametrize("order", ["identity", "pivot"])
 def test_block_size_invariance_via_op(gen, order):
     W, X, H = problem(gen, 9, 72)
-    perm, U, k, dead, info = factor_op(qr_op([X], 72), "qr", "svdqr", order)
+    perm, U, k, dead = factor_op(qr_op([X], 72), "qr", "svdqr", order)[:4]
     q = dict(bits=3, group_size=24, sym=False, mse=True)
     outs = [gptq_op(W, perm, U, block_size=B, **q) for B in (1, 5, 16, 24, 50, 128)]
     for o in outs[1:]:
@@ -207,7 +208,7 @@ def test_block_size_invariance_via_op(gen, order):
 
 def test_pivot_order_is_pivoted_qr(gen):
     W, X, H = problem(gen, 2, 30)
-    perm, U, k, dead, info = factor_op(qr_op([X], 30), "qr", "svdqr", "pivot")
+    perm, U, k, dead = factor_op(qr_op([X], 30), "qr", "svdqr", "pivot")[:4]
     _, _, piv = scipy.linalg.qr(X.numpy(), mode="economic", pivoting=True)
     assert perm.tolist() == piv.tolist()
     assert relerr(U, ref.cholesky_U(H, perm)) < 1e-8 * kappa(X)
@@ -294,7 +295,7 @@ def test_babai_bound(gen):
     big = 20 + 5 * torch.rand(16, generator=gen, dtype=F64)
     W[:, -1], W[:, -2] = big, -0.8 * big  # processed first (back to front): they set a wide grid
     R = ref.qr_R(X)
-    out, (perm, U, k, dead, info) = quantize_with(W, qr_op([X], d), "qr", "ql", "babai", bits=8, group_size=-1)
+    out, (perm, U, k, dead, *_) = quantize_with(W, qr_op([X], d), "qr", "ql", "babai", bits=8, group_size=-1)
     assert perm.tolist() == list(range(d - 1, -1, -1))
     codes, scales, zeros, g_idx, Q, row_loss = out
     inner = codes[:, :-2].int()
@@ -332,15 +333,16 @@ def test_float32_kappa_sweep(gen, kappa_):
     q = dict(bits=4, group_size=-1)
     # qr (float32) + svdqr (float32)
     R = qr_op([X[:40], X[40:]], d, dtype=F32)
-    perm, U, k, dead, info = factor_op(R, "qr", "svdqr", "pivot", truncation="rel", tau=1e-4, dtype=F32)
+    f = factor_op(R, "qr", "svdqr", "pivot", truncation="rel", tau=1e-4, dtype=F32)
+    perm, U, k, dead = f[:4]
     assert U.dtype == F32 and torch.isfinite(U).all() and U.shape == (k, d)
     assert int((s > 1e-4).sum()) <= k <= d  # sigma_ref <= sigma_max: everything above tau * sigma_max is kept
     if kappa_ >= 1e6:
         assert k < d  # float32 cannot see s_min; it must be truncated, not inverted
-    assert abs(info[3].item() - 1) < 1e-3 and abs(info[4].item() / s[k - 1].item() - 1) < 1e-2
+    assert abs(f.sigma_max - 1) < 1e-3 and abs(f.sigma_min_kept / s[k - 1].item() - 1) < 1e-2
     if kappa_ <= 1e4:  # s_min = 1/kappa is far above float32 noise (u * s_max): "none" must keep it
         assert factor_op(R, "qr", "svdqr", "pivot", truncation="none", dtype=F32)[2] == d
-    kept = info[3].item() / info[4].item()
+    kept = f.sigma_max / f.sigma_min_kept
     p_svd = proxy(U, H, perm)
     assert p_svd < 30 * U32 * kept, (p_svd, U32 * kept)
     out = gptq_op(W.float(), perm, U, **q)
@@ -351,9 +353,10 @@ def test_float32_kappa_sweep(gen, kappa_):
     else:  # truncated: past-rank columns are rounded after large pushes; ask for no blow-up only
         assert ref.objective(W, out[4], X) < 20 * rtn_obj
     # gram + cholesky in float32, undamped: ill-conditioned H needs damping, or the factor is far worse
-    pc, Uc, kc, dead_c, info_c = factor_op(ref.gram(X), "gram", "cholesky", "identity", dtype=F32)
-    assert torch.isfinite(Uc).all() and torch.isfinite(info_c).all()
-    damped = info_c[0].item() > 0 or info_c[1].item() > 0
+    fc = factor_op(ref.gram(X), "gram", "cholesky", "identity", dtype=F32)
+    pc, Uc = fc.perm, fc.U
+    assert torch.isfinite(Uc).all() and math.isfinite(fc.damp_lambda)
+    damped = fc.damp_lambda > 0 or fc.damp_retries > 0
     if kappa_ >= 1e8:  # kappa(H) = 1e16: no precision can factor it undamped
         assert damped or proxy(Uc, H, pc) > 100 * p_svd
     out_c = gptq_op(W.float(), pc, Uc, **q)
@@ -398,17 +401,18 @@ def test_cholesky_reports(gen, case):
     d = 32
     X = _hard_X(gen, case, 96, d)
     H = ref.gram(X)
-    perm, U, k, dead, info = factor_op(H, "gram", "cholesky", "identity", damp=0.01)
+    f = factor_op(H, "gram", "cholesky", "identity", damp=0.01)
+    perm, U, k, dead = f[:4]
     assert torch.isfinite(U).all() and dead.dtype == torch.bool and dead.shape == (d,)
     zero_cols = torch.diagonal(H) == 0
-    assert torch.equal(dead, zero_cols) and info[2].item() == zero_cols.sum().item()
-    assert info[0].item() > 0
+    assert torch.equal(dead, zero_cols)
+    assert f.damp_lambda > 0
     if case != "dead":  # no dead feature: lambda = damp * mean(diag H), tenfold per retry
-        lam = 0.01 * torch.diagonal(H).mean().item() * 10 ** info[1].item()
-        assert abs(info[0].item() - lam) <= 1e-12 * lam
-        torch.testing.assert_close(U, ref.cholesky_U(H + info[0].item() * torch.eye(d, dtype=F64)),
+        lam = 0.01 * torch.diagonal(H).mean().item() * 10 ** f.damp_retries
+        assert abs(f.damp_lambda - lam) <= 1e-12 * lam
+        torch.testing.assert_close(U, ref.cholesky_U(H + f.damp_lambda * torch.eye(d, dtype=F64)),
                                    rtol=1e-8, atol=1e-8 * U.abs().max().item())
-    perm, U, k, dead, info = factor_op(H, "gram", "cholesky", "identity", damp=0.0)  # must not fail either
+    perm, U, k, dead = factor_op(H, "gram", "cholesky", "identity", damp=0.0)[:4]  # must not fail either
     assert torch.isfinite(U).all()
     if case in ("rank_deficient", "collinear"):
         W = randn(gen, 4, d)
@@ -420,9 +424,9 @@ def test_damp_ref_median(gen):
     d = 33  # odd: the median is one element
     X = _hard_X(gen, "outliers", 99, d)
     H = ref.gram(X)
-    perm, U, k, dead, info = factor_op(H, "gram", "cholesky", "identity", damp=0.05, damp_ref="median")
-    lam = 0.05 * torch.diagonal(H).median().item() * 10 ** info[1].item()
-    assert abs(info[0].item() - lam) <= 1e-12 * lam
+    f = factor_op(H, "gram", "cholesky", "identity", damp=0.05, damp_ref="median")
+    lam = 0.05 * torch.diagonal(H).median().item() * 10 ** f.damp_retries
+    assert abs(f.damp_lambda - lam) <= 1e-12 * lam
 
 
 def test_dead_features_zeroed_by_cholesky_route(gen):

@@ -23,7 +23,7 @@ def undamped(gen, d_out, d, order="identity"):
     W, X, H = problem(gen, d_out, d)
     perm = make_perm(order, H, gen)
     Hp = H[perm][:, perm]
-    _, U, _, _, _ = factor_op(Hp, "gram", "cholesky", "identity")
+    U = factor_op(Hp, "gram", "cholesky", "identity").U
     return W, X, perm, U
 
 

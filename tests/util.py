@@ -57,9 +57,13 @@ def gptq_op(W, perm, U, *, bits=4, group_size=-1, sym=False, mse=False, static_g
 
 
 def factor_op(A, source, route, order="identity", *, damp=0.0, damp_ref="mean", max_retries=8,
-              truncation="none", tau=0.0, dtype=torch.float64):
-    """torch.ops.lrgptq.factor -> (perm, U, rank, dead, info)."""
-    return ops().factor(A, source, route, order, damp, damp_ref, max_retries, truncation, tau, dtype)
+              truncation="none", tau=0.0, dtype=torch.float64, force_spectrum=False):
+    """lrgptq.ops.factor -> Factorization (perm, U, rank, dead, damp_lambda, damp_retries, sigma_max,
+    sigma_min_kept, from_original, pivots)."""
+    from lrgptq import ops as lrgptq_ops
+    return lrgptq_ops.factor(A, source=source, route=route, order=order, damp=damp, damp_ref=damp_ref,
+                             max_retries=max_retries, truncation=truncation, tau=tau, dtype=dtype,
+                             force_spectrum=force_spectrum)
 
 
 def gram_op(X, H=None):
@@ -82,11 +86,10 @@ def sketch_op(Y, X, seed, offset, kind="sparse", zeta=8):
 
 def quantize_with(W, A, source, route, order, *, dtype=torch.float64, damp=0.0, truncation="none",
                   tau=0.0, **quant):
-    """factor + gptq_quantize, from_original as the factor reports it (info[5]).
-    Returns (codes, scales, zeros, g_idx, Q, row_loss), (perm, U, rank, dead, info)."""
+    """factor + gptq_quantize, from_original as the factor reports it.
+    Returns (codes, scales, zeros, g_idx, Q, row_loss), the Factorization."""
     f = factor_op(A, source, route, order, damp=damp, truncation=truncation, tau=tau, dtype=dtype)
-    perm, U, rank, dead, info = f
-    out = gptq_op(W.to(dtype), perm, U, from_original=bool(info[5].item()), **quant)
+    out = gptq_op(W.to(dtype), f.perm, f.U, from_original=f.from_original, **quant)
     return out, f
 
 
