@@ -181,7 +181,7 @@ at::Tensor inverse_factor(at::Tensor Gr) {
 // Lanczos steps (full reorthogonalisation) from a fixed start, the same on every device. A lower bound
 // that is close for any spectrum after a few dozen steps; for reports only.
 template <class Apply>
-double top_eigenvalue(Apply apply, int64_t d, const at::TensorOptions& opts, int64_t steps = 40) {
+double top_eigenvalue(Apply apply, int64_t d, const at::TensorOptions& opts, int64_t steps = 24) {
   steps = std::min(steps, d);
   at::Tensor Q = at::zeros({steps, d}, opts);
   at::Tensor v = (at::arange(d, opts) * 2.399963).sin().add_(1.5);  // golden-angle start, every entry > 0
