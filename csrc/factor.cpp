@@ -163,9 +163,10 @@ at::Tensor sign_fix_rows(const at::Tensor& R) {
 
 // U upper with diag U > 0 and G⁻¹ = UᵀU (unique), from Gr = J G J (J the reversal, so a permuted G
 // comes reversed from one index_select): Gr = C Cᵀ (Cholesky), V = J C J is upper with G = V Vᵀ, and
-// U = V⁻¹, so G⁻¹ = V⁻ᵀV⁻¹ = UᵀU. One Cholesky and one triangular solve (GPTQ's recipe, Cholesky,
-// inverse from the factor and a second Cholesky, gives the same U at twice the flops). Undefined when G
-// is not numerically positive definite (a non-positive pivot, or a non-finite U).
+// U = V⁻¹, so G⁻¹ = V⁻ᵀV⁻¹ = UᵀU. One Cholesky and one triangular solve: the same U as GPTQ's recipe
+// (Cholesky, inverse from the factor, second Cholesky) at the same cost (4/3·d³ flops: the solve's
+// identity right-hand side is dense), measured equal. Undefined when G is not numerically positive
+// definite (a non-positive pivot, or a non-finite U).
 at::Tensor inverse_factor(at::Tensor Gr) {
   auto [C, info] = at::linalg_cholesky_ex(Gr);
   Gr.reset();
