@@ -1,9 +1,13 @@
 // Factor routes (docs/design.md §3): from an accumulator's state to a column order `perm`
 // and an engine-ready upper-triangular factor U (k x d, in perm order).
-//   cholesky: H_λ = H + λI, U = chol_upper(chol_inverse(chol(H_λ)))   (GPTQ as published)
+//   cholesky: H_λ = H + λI, U upper with H_λ⁻¹ = UᵀU   (GPTQ as published; computed as
+//             U = V⁻¹ with H_λ = VVᵀ, V upper: one Cholesky and one triangular solve, see inverse_factor)
 //   svdqr:    A = U_A Σ Vᵀ, optionally σ̃² = σ² + λ (H + λI without forming H), keep k,
 //             perm from pivoted QR of Σ_k V_kᵀ,
 //             QR of Σ_k⁻¹ V_kᵀ[:, perm] = Q R', U = R' with diag R' > 0   (H⁺ = UᵀU)
+//             When λ > 0 and the truncation rule provably keeps all d values (keeps_everything),
+//             Σ_d V_dᵀ is a square root of G = H + λI, so the order is the pivoted Cholesky order of
+//             G and U is the unique upper factor with G_p⁻¹ = UᵀU: no spectrum is computed.
 //   ql:       M lower with H_p = MᵀM from a QR of the column-reversed factor (no inverse;
 //             damped as cholesky only if X is rank-deficient);
 //             handed to the engine as Ā = 2D⁻¹ − D⁻¹MᵀD⁻¹ (D = diag M), which with
@@ -14,14 +18,19 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <tuple>
+#include <utility>
 
 #include "checks.h"
 
 namespace lrgptq {
 namespace {
 
-using FactorOut = std::tuple<at::Tensor, at::Tensor, int64_t, at::Tensor, at::Tensor>;
+// (perm, U, rank, dead, damp_lambda, damp_retries, sigma_max, sigma_min_kept, from_original, pivots):
+// the named outputs of the schema in ops.cpp.
+using FactorOut = std::tuple<at::Tensor, at::Tensor, int64_t, at::Tensor, double, int64_t, double, double, bool,
+                             int64_t>;
 
 enum class Source { gram, qr, sketch };
 
@@ -32,9 +41,26 @@ Source parse_source(c10::string_view s) {
   TORCH_CHECK(false, "lrgptq.factor: source must be 'gram', 'qr' or 'sketch', got '", s, "'");
 }
 
-// H = XᵀX from any accumulator: H itself, or AᵀA for A = R or Y.
+// RᵀR for an upper-triangular R, a third of the GEMM's flops: column panel J of the lower
+// triangle is G[J₀:, J] = R[:J₁, J₀:]ᵀ R[:J₁, J] (R's rows past J₁ are zero in J), mirrored above.
+at::Tensor upper_gram(const at::Tensor& R) {
+  const int64_t d = R.size(0), nb = 256;
+  at::Tensor G = at::empty_like(R);
+  for (int64_t j0 = 0; j0 < d; j0 += nb) {
+    const int64_t j1 = std::min(j0 + nb, d);
+    at::Tensor Rj = R.narrow(0, 0, j1);
+    at::Tensor panel = G.narrow(1, j0, j1 - j0).narrow(0, j0, d - j0);
+    at::mm_out(panel, Rj.narrow(1, j0, d - j0).t(), Rj.narrow(1, j0, j1 - j0));
+    G.narrow(0, j0, j1 - j0).narrow(1, j1, d - j1).copy_(panel.narrow(0, j1 - j0, d - j1).t());  // mirror
+  }
+  return G;
+}
+
+// H = XᵀX from any accumulator: H itself, or AᵀA for A = R (triangular or not) or Y.
 at::Tensor gram_of(const at::Tensor& A, Source src) {
-  return src == Source::gram ? A.clone() : at::matmul(A.t(), A);
+  if (src == Source::gram) return A.clone();
+  if (src == Source::qr && at::equal(A, A.triu())) return upper_gram(A);
+  return at::matmul(A.t(), A);
 }
 
 // diag(H) without forming H.
@@ -135,13 +161,64 @@ at::Tensor sign_fix_rows(const at::Tensor& R) {
   return R * s.unsqueeze(1);
 }
 
+// U upper with diag U > 0 and G⁻¹ = UᵀU (unique), from Gr = J G J (J the reversal, so a permuted G
+// comes reversed from one index_select): Gr = C Cᵀ (Cholesky), V = J C J is upper with G = V Vᵀ, and
+// U = V⁻¹, so G⁻¹ = V⁻ᵀV⁻¹ = UᵀU. One Cholesky and one triangular solve: the same U as GPTQ's recipe
+// (Cholesky, inverse from the factor, second Cholesky) at the same cost (4/3·d³ flops: the solve's
+// identity right-hand side is dense), measured equal. Undefined when G is not numerically positive
+// definite (a non-positive pivot, or a non-finite U).
+at::Tensor inverse_factor(at::Tensor Gr) {
+  auto [C, info] = at::linalg_cholesky_ex(Gr);
+  Gr.reset();
+  if (info.item<int64_t>() != 0) return {};
+  const at::Tensor V = C.flip({0, 1});
+  C.reset();
+  at::Tensor U = at::linalg_solve_triangular(V, at::eye(V.size(0), V.options()), /*upper=*/true).triu_();
+  if (!at::isfinite(U).all().item<bool>()) return {};
+  return U;
+}
+
+// Largest eigenvalue of a symmetric positive semi-definite operator: the top Ritz value of `steps`
+// Lanczos steps (full reorthogonalisation) from a fixed start, the same on every device. A lower bound
+// that is close for any spectrum after a few dozen steps; for reports only.
+template <class Apply>
+double top_eigenvalue(Apply apply, int64_t d, const at::TensorOptions& opts, int64_t steps = 24) {
+  steps = std::min(steps, d);
+  at::Tensor Q = at::zeros({steps, d}, opts);
+  at::Tensor v = (at::arange(d, opts) * 2.399963).sin().add_(1.5);  // golden-angle start, every entry > 0
+  Q[0] = v / v.norm();
+  at::Tensor T = at::zeros({steps, steps}, opts.dtype(at::kDouble).device(at::kCPU));
+  int64_t m = steps;
+  for (int64_t j = 0; j < steps; ++j) {
+    at::Tensor w = apply(Q[j]);
+    T[j][j] = at::dot(Q[j], w).item<double>();
+    const at::Tensor Qj = Q.narrow(0, 0, j + 1);
+    w = w - at::mv(Qj.t(), at::mv(Qj, w));  // twice is enough (Kahan)
+    w = w - at::mv(Qj.t(), at::mv(Qj, w));
+    const double beta = w.norm().item<double>();
+    if (j + 1 == steps || !(beta > 1e-12 * std::abs(T[0][0].item<double>())) || !std::isfinite(beta)) {
+      m = j + 1;
+      break;
+    }
+    T[j][j + 1] = beta;
+    T[j + 1][j] = beta;
+    Q[j + 1] = w / beta;
+  }
+  return at::linalg_eigvalsh(T.narrow(0, 0, m).narrow(1, 0, m)).max().item<double>();
+}
+
 double damp_reference(const at::Tensor& diagH, c10::string_view damp_ref) {
   if (damp_ref == "mean") return diagH.mean().item<double>();
   if (damp_ref == "median") return diagH.median().item<double>();
   TORCH_CHECK(false, "lrgptq.factor: damp_ref must be 'mean' or 'median', got '", damp_ref, "'");
 }
 
-// GPTQ as published, with tenfold damping retries that are reported in info.
+double unit_roundoff(at::ScalarType dtype) {
+  return dtype == at::kDouble ? std::numeric_limits<double>::epsilon() : std::numeric_limits<float>::epsilon();
+}
+
+// GPTQ as published (docs/design.md §3): H_λ = H + λI, U upper with H_λ⁻¹ = UᵀU; on failure λ is
+// raised tenfold, and the retries are reported.
 FactorOut factor_cholesky(const at::Tensor& A, Source src, c10::string_view order, double damp,
                           c10::string_view damp_ref, int64_t max_retries, at::ScalarType dtype) {
   at::Tensor H = gram_of(A, src).to(dtype);
@@ -149,8 +226,9 @@ FactorOut factor_cholesky(const at::Tensor& A, Source src, c10::string_view orde
   at::Tensor dead = H.diagonal() == 0;
   H.diagonal().masked_fill_(dead, 1.0);  // dead features: H_jj = 1 (their W columns are zeroed by the caller)
   int64_t pivots = d;
-  at::Tensor perm = order_perm(order, H.diagonal(), H, d, pivots);
-  H = H.index_select(0, perm).index_select(1, perm);
+  const at::Tensor perm = order_perm(order, H.diagonal(), H, d, pivots);
+  const at::Tensor rp = perm.flip({0});
+  H = H.index_select(0, rp).index_select(1, rp);  // J H_p J, what inverse_factor takes
   const double ref = damp_reference(H.diagonal(), damp_ref);
   double lambda = damp * ref;
   at::Tensor U;
@@ -158,24 +236,14 @@ FactorOut factor_cholesky(const at::Tensor& A, Source src, c10::string_view orde
   for (;; ++retries) {
     at::Tensor Hl = H.clone();
     Hl.diagonal().add_(lambda);
-    auto [L, info] = at::linalg_cholesky_ex(Hl);
-    if (info.item<int64_t>() == 0) {
-      auto [Uc, info2] = at::linalg_cholesky_ex(at::cholesky_inverse(L), /*upper=*/true);
-      if (info2.item<int64_t>() == 0 && at::isfinite(Uc).all().item<bool>()) {
-        U = Uc;
-        break;
-      }
-    }
+    U = inverse_factor(std::move(Hl));
+    if (U.defined()) break;
     TORCH_CHECK(retries < max_retries, "lrgptq.factor: Cholesky of H + λI failed ", retries + 1,
                 " times (last λ = ", lambda, ", ", lambda / ref,
                 " × the ", damp_ref, " diagonal); raise damp or max_retries, or use route='svdqr', which never factors H");
     lambda = lambda > 0 ? 10 * lambda : 1e-8 * ref;
   }
-  at::Tensor info = at::zeros({8}, A.options().dtype(at::kDouble));
-  info[0] = lambda;
-  info[1] = static_cast<double>(retries);
-  info[2] = dead.sum().item<double>();
-  return {perm, U, d, dead, info};
+  return {perm, U, d, dead, lambda, retries, 0.0, 0.0, false, pivots};
 }
 
 // Number of singular values kept (σ sorted descending).
@@ -203,9 +271,60 @@ int64_t truncate(const at::Tensor& sigma, c10::string_view rule, double tau, dou
   TORCH_CHECK(false, "lrgptq.factor: truncation must be 'rel', 'energy' or 'none', got '", rule, "'");
 }
 
-// This project's route: never forms or damps H when the state is R or Y.
-FactorOut factor_svdqr(const at::Tensor& A, Source src, c10::string_view order, double damp,
-                       c10::string_view damp_ref, c10::string_view truncation, double tau, at::ScalarType dtype) {
+
+// Whether truncation `rule` keeps all d damped singular values σ̃_i = sqrt(σ_i² + λ), decided
+// without them (docs/design.md §3, step 1). With λ > 0 every σ̃_i² ≥ λ and Σ_i σ̃_i² = tr H + dλ, so
+//   σ̃_1² ≤ tr H + λ, and σ_ref (the mean of the m = lead − trim values `truncate` averages, all d
+//   values being nonzero) ≤ sqrt(Σ_block σ̃²/m) ≤ sqrt((tr H + dλ − (d − m)λ)/m) = sqrt(tr H/m + λ);
+//   numerical rank (σ̃_i > n·u·σ̃_1) keeps all when λ > (n·u)²(tr H + λ);
+//   rel    (σ̃_i > τ·σ_ref)          keeps all when λ > τ²(tr H/m + λ);
+//   energy (smallest k with Σ_{i≤k} σ̃_i² ≥ (1 − ε)Σσ̃²) keeps all when σ̃_d² > εΣσ̃², so when λ > ε(tr H + dλ);
+//   none keeps the numerical rank. Each bound is asked with a margin of 4 (2 in σ) for the rounding of a
+// computed spectrum; a case inside the margin computes the spectrum.
+bool keeps_everything(c10::string_view rule, double tau, double unit, int64_t n, int64_t d, double lambda,
+                      double trace) {
+  constexpr double margin = 4;
+  const double nu = n * unit;
+  if (!(lambda > 0) || !(lambda > margin * nu * nu * (trace + lambda))) return false;
+  if (rule == "none") return true;
+  if (rule == "rel") {
+    const int64_t lead = std::max<int64_t>(1, (d + 9) / 10), m = lead - lead / 10;
+    return lambda > margin * tau * tau * (trace / m + lambda);
+  }
+  if (rule == "energy") return lambda > margin * tau * (trace + d * lambda);
+  return false;  // an unknown rule goes on to truncate(), which names it
+}
+
+// svdqr when nothing is truncated: Σ_d V_dᵀ is then a square root of G = H + λI, so its pivoted-QR
+// order is the pivoted Cholesky order of G, and QR of Σ_d⁻¹V_dᵀ[:, perm] = Q R' gives the unique upper
+// R' = U with diag > 0 and UᵀU = G_p⁻¹: inverse_factor(G_p), no spectrum. σ̃_1 and σ̃_d are estimated
+// for the report. Empty when G is numerically singular (the pivots stop early, or its Cholesky fails).
+std::optional<FactorOut> factor_svdqr_full(const at::Tensor& A, Source src, c10::string_view order, double lambda,
+                                           at::ScalarType dtype, const at::Tensor& diagH, const at::Tensor& dead) {
+  const int64_t d = A.size(1);
+  at::Tensor G = gram_of(A.to(dtype), src);
+  G.diagonal().add_(lambda);
+  int64_t pivots = d;
+  at::Tensor perm;
+  if (order == "pivot") {
+    auto [piv, taken] = pivoted_order(G, d, d * std::numeric_limits<double>::epsilon());
+    if (taken < d) return std::nullopt;
+    perm = piv;
+  } else {
+    perm = order_perm(order, diagH, at::Tensor(), d, pivots);
+  }
+  const at::Tensor rp = perm.flip({0});
+  at::Tensor U = inverse_factor(G.index_select(0, rp).index_select(1, rp));
+  if (!U.defined()) return std::nullopt;
+  const double smax2 = top_eigenvalue([&](const at::Tensor& v) { return at::mv(G, v); }, d, G.options());
+  const double sinv2 = top_eigenvalue([&](const at::Tensor& v) { return at::mv(U.t(), at::mv(U, v)); }, d, U.options());
+  return FactorOut{perm, U, d, dead, lambda, 0, std::sqrt(smax2), 1.0 / std::sqrt(sinv2), false, pivots};
+}
+
+// svdqr from the spectrum (docs/design.md §3, steps 1-3): SVD of R or Y, eigh of H.
+FactorOut factor_svdqr_spectrum(const at::Tensor& A, Source src, c10::string_view order, double lambda,
+                                c10::string_view truncation, double tau, at::ScalarType dtype,
+                                const at::Tensor& diagH, const at::Tensor& dead) {
   const int64_t d = A.size(1);
   at::Tensor sigma, Vh;
   if (src == Source::gram) {  // H = VΛVᵀ, σ = sqrt(λ)
@@ -213,20 +332,12 @@ FactorOut factor_svdqr(const at::Tensor& A, Source src, c10::string_view order, 
     sigma = evals.flip({0}).clamp_min(0).sqrt();
     Vh = V.flip({1}).t();
   } else {  // damping needs every right singular vector, also those of σ = 0 when A has < d rows
-    auto [Us, S, V] = at::linalg_svd(A.to(dtype), /*full_matrices=*/damp > 0 && A.size(0) < d);
+    auto [Us, S, V] = at::linalg_svd(A.to(dtype), /*full_matrices=*/lambda > 0 && A.size(0) < d);
     sigma = S.size(0) < V.size(0) ? at::cat({S, at::zeros({V.size(0) - S.size(0)}, S.options())}) : S;
     Vh = V;
   }
-  double lambda = 0;
-  if (damp > 0) {  // spectral damping: σ̃² = σ² + λ is the factor of H + λI, and H is never formed
-    lambda = damp * damp_reference(gram_diag(A, src).to(dtype), damp_ref);
-    sigma = (sigma.square() + lambda).sqrt();
-  }
-  const double unit = dtype == at::kDouble ? std::numeric_limits<double>::epsilon()
-                                           : std::numeric_limits<float>::epsilon();
-  int64_t k = truncate(sigma, truncation, tau, unit, std::max(A.size(0), d));
-  at::Tensor diagH = gram_diag(A, src).to(dtype);
-  at::Tensor dead = diagH == 0;
+  if (lambda > 0) sigma = (sigma.square() + lambda).sqrt();  // σ̃² = σ² + λ: the factor of H + λI, H never formed
+  int64_t k = truncate(sigma, truncation, tau, unit_roundoff(dtype), std::max(A.size(0), d));
   at::Tensor B = sigma.narrow(0, 0, k).unsqueeze(1) * Vh.narrow(0, 0, k);  // Σ_k V_kᵀ
   at::Tensor perm;
   int64_t pivots = d;
@@ -254,13 +365,26 @@ FactorOut factor_svdqr(const at::Tensor& A, Source src, c10::string_view order, 
   }
   at::Tensor C = (Vh.narrow(0, 0, k) / sigma.narrow(0, 0, k).unsqueeze(1)).index_select(1, perm);
   at::Tensor U = k > 0 ? sign_fix_rows(std::get<1>(at::linalg_qr(C, "r"))) : C;
-  at::Tensor info = at::zeros({8}, A.options().dtype(at::kDouble));
-  info[0] = lambda;
-  info[2] = dead.sum().item<double>();
-  info[3] = k > 0 ? sigma[0].item<double>() : 0.0;
-  info[4] = k > 0 ? sigma[k - 1].item<double>() : 0.0;
-  info[6] = static_cast<double>(pivots);
-  return {perm, U, k, dead, info};
+  const double smax = k > 0 ? sigma[0].item<double>() : 0.0, smin = k > 0 ? sigma[k - 1].item<double>() : 0.0;
+  return {perm, U, k, dead, lambda, 0, smax, smin, false, pivots};
+}
+
+// This project's route: never forms or damps H when the state is R or Y and truncation needs the
+// spectrum; when truncation provably keeps everything (λ > 0, keeps_everything) it takes
+// factor_svdqr_full, which forms G = H + λI (κ(G) ≤ 1 + σ_1²/λ) and computes no spectrum.
+// force_spectrum: always the spectrum (the route as it was before the full-rank path; for tests).
+FactorOut factor_svdqr(const at::Tensor& A, Source src, c10::string_view order, double damp,
+                       c10::string_view damp_ref, c10::string_view truncation, double tau, at::ScalarType dtype,
+                       bool force_spectrum) {
+  const int64_t d = A.size(1);
+  const at::Tensor diagH = gram_diag(A, src).to(dtype);
+  const at::Tensor dead = diagH == 0;
+  const double lambda = damp > 0 ? damp * damp_reference(diagH, damp_ref) : 0.0;
+  if (!force_spectrum && keeps_everything(truncation, tau, unit_roundoff(dtype), std::max(A.size(0), d), d, lambda,
+                                          diagH.sum().item<double>())) {
+    if (auto out = factor_svdqr_full(A, src, order, lambda, dtype, diagH, dead)) return *std::move(out);
+  }
+  return factor_svdqr_spectrum(A, src, order, lambda, truncation, tau, dtype, diagH, dead);
 }
 
 // Exact route without an inverse: M lower with H_p = MᵀM. When X is rank-deficient (a zero
@@ -274,8 +398,7 @@ FactorOut factor_ql(const at::Tensor& A, Source src, c10::string_view order, dou
   int64_t pivots = d;
   at::Tensor perm = order_perm(order, diagH, order == "pivot" ? at::matmul(F.t(), F) : at::Tensor(), d, pivots);
   const at::Tensor Fp = F.index_select(1, perm);
-  const double unit = dtype == at::kDouble ? std::numeric_limits<double>::epsilon()
-                                           : std::numeric_limits<float>::epsilon();
+  const double unit = unit_roundoff(dtype);
   const double ref = damp_reference(diagH, damp_ref);
   double lambda = 0;
   int64_t retries = 0;
@@ -295,17 +418,12 @@ FactorOut factor_ql(const at::Tensor& A, Source src, c10::string_view order, dou
   }
   at::Tensor Dinv = M.diagonal().reciprocal();
   at::Tensor U = Dinv.diag() * 2 - Dinv.unsqueeze(1) * M.t() * Dinv.unsqueeze(0);  // Ā = 2D⁻¹ − D⁻¹MᵀD⁻¹
-  at::Tensor info = at::zeros({8}, A.options().dtype(at::kDouble));
-  info[0] = lambda;
-  info[1] = static_cast<double>(retries);
-  info[2] = dead.sum().item<double>();
-  info[5] = 1.0;  // errors are taken from the original weights
-  return {perm, U.triu(), d, dead, info};
+  return {perm, U.triu(), d, dead, lambda, retries, 0.0, 0.0, /*from_original=*/true, pivots};
 }
 
 FactorOut factor(const at::Tensor& A, c10::string_view source, c10::string_view route,
                  c10::string_view order, double damp, c10::string_view damp_ref, int64_t max_retries,
-                 c10::string_view truncation, double tau, at::ScalarType dtype) {
+                 c10::string_view truncation, double tau, at::ScalarType dtype, bool force_spectrum) {
   const Source src = parse_source(source);
   TORCH_CHECK(A.dim() == 2 && A.size(1) > 0, "lrgptq.factor: A must be a 2-D accumulator state, got ", A.sizes());
   TORCH_CHECK(src == Source::sketch || A.size(0) == A.size(1),
@@ -316,7 +434,7 @@ FactorOut factor(const at::Tensor& A, c10::string_view source, c10::string_view 
   TORCH_CHECK(damp >= 0 && std::isfinite(damp), "lrgptq.factor: damp must be finite and >= 0, got ", damp);
   TORCH_CHECK(tau >= 0 && std::isfinite(tau), "lrgptq.factor: tau must be finite and >= 0, got ", tau);
   if (route == "cholesky") return factor_cholesky(A, src, order, damp, damp_ref, max_retries, dtype);
-  if (route == "svdqr") return factor_svdqr(A, src, order, damp, damp_ref, truncation, tau, dtype);
+  if (route == "svdqr") return factor_svdqr(A, src, order, damp, damp_ref, truncation, tau, dtype, force_spectrum);
   if (route == "ql") return factor_ql(A, src, order, damp, damp_ref, max_retries, dtype);
   TORCH_CHECK(false, "lrgptq.factor: route must be 'cholesky', 'svdqr' or 'ql', got '", route, "'");
 }

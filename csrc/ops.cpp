@@ -9,10 +9,12 @@ TORCH_LIBRARY(lrgptq, m) {
   m.def("sketch_update(Tensor(a!) Y, Tensor X, int seed, int offset, str kind, int zeta) -> ()");
 
   // Factor routes (DESIGN §3): accumulator state -> column order and engine-ready factor.
+  // force_spectrum: svdqr computes the spectrum even where truncation provably keeps everything.
   m.def(
       "factor(Tensor A, str source, str route, str order, float damp, str damp_ref, "
-      "int max_retries, str truncation, float tau, ScalarType dtype) "
-      "-> (Tensor perm, Tensor U, int rank, Tensor dead, Tensor info)");
+      "int max_retries, str truncation, float tau, ScalarType dtype, bool force_spectrum=False) "
+      "-> (Tensor perm, Tensor U, int rank, Tensor dead, float damp_lambda, int damp_retries, "
+      "float sigma_max, float sigma_min_kept, bool from_original, int pivots)");
 
   // The GPTQ engine (docs/design.md §4) on the uniform grid: scalar GPTQ (ldlq_dim = 1) or block LDLQ
   // (ldlq_dim = D columns chosen jointly, docs/design.md §5); grid 'minmax' (min-max or MSE range) or

@@ -150,7 +150,7 @@ def test_nonfinite_anywhere_is_refused(gen, where, perm_kind, engine):
 
     def run(W, U):
         if engine == "gptq":
-            return gptq_op(W, perm, U, bits=3, group_size=32)
+            return gptq(W, perm, U, bits=3, group_size=32)
         return lops.vq_quantize(W, perm, U, from_original=False, dim=2, bits=2, group_cols=32, group_rows=-1,
                                 em_iters=2, codebook_int8=False)
 
@@ -171,7 +171,7 @@ def test_rounding_ties_go_to_even(dtype):
     [0, 15] at 4 bits (scale 1, zero 0) and no feedback (U with 0 rows), codes are round(x)."""
     x = torch.tensor([0.0, 15.0, 0.5, 1.5, 2.5, 3.5, 4.5, 13.5, 14.5, -0.0, 2.4999999, 7.5000001], dtype=dtype)
     W = x.repeat(3, 1)
-    out = gptq_op(W, torch.arange(x.numel()), torch.zeros(0, x.numel(), dtype=dtype), bits=4)
+    out = gptq(W, torch.arange(x.numel()), torch.zeros(0, x.numel(), dtype=dtype), bits=4)
     assert torch.equal(out[0][0].to(dtype), torch.round(x).clamp(0, 15)), out[0][0].tolist()
     assert out[1][0, 0] == 1 and out[2][0, 0] == 0
 

@@ -48,8 +48,8 @@ class Factorization(NamedTuple):
     dead: torch.Tensor  # bool (d,): features that never fired (H_jj = 0)
     damp_lambda: float  # λ added to H (cholesky, ql) or to σ² (svdqr)
     damp_retries: int  # tenfold raises of λ (cholesky, ql)
-    sigma_max: float  # largest (damped) singular value kept (svdqr)
-    sigma_min_kept: float  # smallest one kept (svdqr)
+    sigma_max: float  # largest (damped) singular value kept (svdqr; estimated when no spectrum was computed)
+    sigma_min_kept: float  # smallest one kept (svdqr; likewise)
     from_original: bool  # the ql form: the engine takes errors from the original weights
     pivots: int  # pivots the pivoted order certified
 
@@ -66,13 +66,15 @@ def factor(
     truncation: str,
     tau: float,
     dtype: torch.dtype,
+    force_spectrum: bool = False,
 ) -> Factorization:
-    """A column order and an engine-ready factor from an accumulator state ``A`` (H, R or Y)."""
-    perm, U, rank, dead, info = _ops.factor(A, source, route, order, damp, damp_ref, max_retries, truncation, tau,
-                                            dtype)
-    i = info.tolist()
-    return Factorization(perm, U, int(rank), dead, float(i[0]), int(i[1]), float(i[3]), float(i[4]), i[5] > 0,
-                         int(i[6]))
+    """A column order and an engine-ready factor from an accumulator state ``A`` (H, R or Y).
+
+    ``force_spectrum``: svdqr computes the spectrum even where truncation provably keeps every value
+    (by default it then factors H + λI without one, and ``sigma_max``/``sigma_min_kept`` are estimates).
+    """
+    return Factorization(*_ops.factor(A, source, route, order, damp, damp_ref, max_retries, truncation, tau, dtype,
+                                      force_spectrum))
 
 
 # ----------------------------------------------------------------------------- quantize
