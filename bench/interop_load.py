@@ -1,9 +1,10 @@
 """Interop, load side (run by bench/interop.sh in the readers' venv, without lrgptq).
 
-Loads every checkpoint that bench/interop_save.py wrote with every reader, each pair in its own
-process (a reader that crashes or hangs costs one cell, not the table), computes logits on the
-saved token batch and compares them with lrgptq.load's float32 logits. Prints the table
-checkpoint x reader -> loads? / max |Δlogit| / error, and writes OUT/results.json.
+Loads every checkpoint that bench/interop_save.py wrote with every reader (one child process per
+reader, restarted past a checkpoint that crashes or hangs it: that costs one cell, not the
+table), computes logits on the saved token batch and compares them with lrgptq.load's float32
+logits. Prints the table checkpoint x reader -> loads? / max |Δlogit| / error, and writes
+OUT/results.json.
 """
 
 from __future__ import annotations
@@ -127,50 +128,73 @@ def table(rows: List[Dict[str, Any]], results: Dict[str, Dict[str, Any]]) -> str
     return "\n".join(lines)
 
 
+def _child(out: Path, reader: str, names: List[str]) -> None:
+    """Runs ``reader`` on each checkpoint of ``names`` (one import of the reader for them all),
+    writing results/<name>--<reader>.json after each."""
+    ids = torch.load(out / "ids.pt")
+    for name in names:
+        refs = {dt: torch.load(out / "ref" / f"{name}.{dt}.pt") for dt in ("float32", "float16")}
+        res = run_one(str(out / "ckpt" / name), reader, ids, refs)
+        (out / "results" / f"{name}--{reader}.json").write_text(json.dumps(res, indent=1))
+        print(f"{name}/{reader}: {cell(res)}", flush=True)
+
+
+def _run_reader(out: Path, reader: str, names: List[str], timeout: int, threads: int) -> Dict[str, Dict[str, Any]]:
+    """Every checkpoint of ``names`` with ``reader``, in child processes: one for them all, and
+    after a crash or a timeout a new one for those left (the one it died on is marked failed)."""
+    results: Dict[str, Dict[str, Any]] = {}
+    left = list(names)
+    while left:
+        log = out / "results" / f"{reader}-{len(names) - len(left)}.log"
+        cmd = [sys.executable, __file__, "--out", str(out), "--threads", str(threads), "--child", reader, *left]
+        try:
+            with open(log, "w") as f:
+                proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout * len(left),
+                                      env={**os.environ, "TORCH_COMPILE_DISABLE": "1"})
+            failure = None if proc.returncode == 0 else f"exit {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            failure = f"timed out ({timeout} s per checkpoint)"
+        for name in list(left):
+            res_file = out / "results" / f"{name}--{reader}.json"
+            if res_file.exists():
+                results[name] = json.loads(res_file.read_text())
+                left.remove(name)
+        if left and failure is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            results[left.pop(0)] = {"loads": False, "error": f"{failure}: {tail[0][:300]}"}
+        elif left:
+            for name in left:
+                results[name] = {"loads": False, "error": "no result written"}
+            left = []
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="the directory interop_save.py wrote")
     ap.add_argument("--readers", nargs="*", default=list(READERS), choices=READERS)
     ap.add_argument("--only", nargs="*", help="checkpoint names (default: all)")
-    ap.add_argument("--timeout", type=int, default=1800, help="seconds per checkpoint and reader")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per checkpoint and reader")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--one", nargs=2, metavar=("CHECKPOINT", "READER"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs="+", metavar="READER CHECKPOINT", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out: Path = args.out
-    meta = json.loads((out / "cases.json").read_text())
-    if args.one:
-        name, reader = args.one
-        ids = torch.load(out / "ids.pt")
-        refs = {dt: torch.load(out / "ref" / f"{name}.{dt}.pt") for dt in ("float32", "float16")}
-        res = run_one(str(out / "ckpt" / name), reader, ids, refs)
-        (out / "results" / f"{name}--{reader}.json").write_text(json.dumps(res, indent=1))
+    if args.child:
+        _child(out, args.child[0], args.child[1:])
         return
+    meta = json.loads((out / "cases.json").read_text())
     (out / "results").mkdir(exist_ok=True)
     rows = [r for r in meta["checkpoints"] if not args.only or r["name"] in args.only]
+    names = [r["name"] for r in rows if "save_error" not in r]
     results: Dict[str, Dict[str, Any]] = {}
-    for row in rows:
-        if "save_error" in row:
-            continue
-        for reader in args.readers:
-            key = f"{row['name']}/{reader}"
-            t0 = time.perf_counter()
-            cmd = [sys.executable, __file__, "--out", str(out), "--threads", str(args.threads),
-                   "--one", row["name"], reader]
-            log = out / "results" / f"{row['name']}--{reader}.log"
-            try:
-                with open(log, "w") as f:
-                    proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout,
-                                          env={**os.environ, "TORCH_COMPILE_DISABLE": "1"})
-                res_file = out / "results" / f"{row['name']}--{reader}.json"
-                if proc.returncode == 0 and res_file.exists():
-                    results[key] = json.loads(res_file.read_text())
-                else:
-                    tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-                    results[key] = {"loads": False, "error": f"exit {proc.returncode}: {tail[0][:300]}"}
-            except subprocess.TimeoutExpired:
-                results[key] = {"loads": False, "error": f"timed out after {args.timeout} s"}
-            print(f"{key}: {cell(results[key])} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    for reader in args.readers:
+        t0 = time.perf_counter()
+        got = _run_reader(out, reader, names, args.timeout, args.threads)
+        results.update({f"{name}/{reader}": r for name, r in got.items()})
+        for name in names:
+            print(f"{name}/{reader}: {cell(got[name])}", flush=True)
+        print(f"{reader}: {time.perf_counter() - t0:.0f} s", flush=True)
     summary = {"versions": versions(), "lrgptq_side": {k: meta[k] for k in meta if k != "checkpoints"},
                "results": results}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
