@@ -113,18 +113,26 @@ def cell(r: Dict[str, Any]) -> str:
     return f"**no**: {msg}"
 
 
-def table(rows: List[Dict[str, Any]], results: Dict[str, Dict[str, Any]]) -> str:
-    head = "| checkpoint | bits | sym | desc_act | format | " + " | ".join(READERS) + " |"
-    lines = [head, "|" + "---|" * (5 + len(READERS))]
+def fp16_rounding(out: Path, name: str) -> float:
+    """max |Δlogit| between lrgptq.load's float16 and float32 runs: the yardstick for a reader
+    that rounds to float16 somewhere."""
+    ref = {dt: torch.load(out / "ref" / f"{name}.{dt}.pt") for dt in ("float32", "float16")}
+    return float((ref["float16"] - ref["float32"]).abs().max())
+
+
+def table(rows: List[Dict[str, Any]], results: Dict[str, Dict[str, Any]], out: Path) -> str:
+    head = ("| checkpoint | bits | sym | desc_act | format | lrgptq fp16 vs fp32 | "
+            + " | ".join(READERS) + " |")
+    lines = [head, "|" + "---|" * (6 + len(READERS))]
     for row in rows:
         name = row["name"]
         if "save_error" in row:
-            lines.append(f"| {name} | {row['bits']} | {row['sym']} | | not written: {row['save_error'][:120]} |"
+            lines.append(f"| {name} | {row['bits']} | {row['sym']} | | not written: {row['save_error'][:120]} | |"
                          + " |" * len(READERS))
             continue
         cells = [cell(results.get(f"{name}/{r}", {"error": "not run"})) for r in READERS]
         lines.append(f"| {name} | {row['bits']} | {row['sym']} | {row['desc_act']} | {row['checkpoint_format']} | "
-                     + " | ".join(c.replace("|", "/") for c in cells) + " |")
+                     f"{fp16_rounding(out, name):.2g} | " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -143,7 +151,11 @@ def _run_reader(out: Path, reader: str, names: List[str], timeout: int, threads:
     """Every checkpoint of ``names`` with ``reader``, in child processes: one for them all, and
     after a crash or a timeout a new one for those left (the one it died on is marked failed)."""
     results: Dict[str, Dict[str, Any]] = {}
-    left = list(names)
+    for name in names:  # a rerun keeps what an earlier one wrote (delete OUT/results to redo)
+        done = out / "results" / f"{name}--{reader}.json"
+        if done.exists():
+            results[name] = json.loads(done.read_text())
+    left = [n for n in names if n not in results]
     while left:
         log = out / "results" / f"{reader}-{len(names) - len(left)}.log"
         cmd = [sys.executable, __file__, "--out", str(out), "--threads", str(threads), "--child", reader, *left]
@@ -202,7 +214,9 @@ def main() -> None:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()))
     print(f"reference: lrgptq {meta['lrgptq']} (torch {meta['torch']}), lrgptq.load in float32; "
           f"batch {meta['batch']} tokens of {meta['eval_book']}")
-    print(table(rows, results))
+    print("cells: loads? and max |Δlogit| against lrgptq.load in float32 (the mode in brackets when the "
+          "reader would not compute in float32 throughout)")
+    print(table(rows, results, out))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Union
@@ -64,10 +63,10 @@ def save(
     as a GPTQ checkpoint in ``out_dir`` (a GPTVQ quantization, ``vq_dim`` > 0, in lrgptq's
     ``gptvq`` layout: docs/vq.md).
 
-    ``checkpoint_format``: ``"auto"`` (v1 ``"gptq"``, which every reader takes, unless an
-    asymmetric zero point is 0, which v1 cannot store: then ``"gptq_v2"`` with a warning),
-    ``"gptq"`` (ValueError if any z = 0) or ``"gptq_v2"``. ``dtype``: the checkpoint's float
-    dtype (scales, biases and every tensor that is not quantized), float16 as the readers expect;
+    ``checkpoint_format``: ``"auto"`` (v1 ``"gptq"`` for a symmetric grid, ``"gptq_v2"`` for an
+    asymmetric one: what GPTQModel, transformers and vLLM all load, docs/interop.md), ``"gptq"``
+    (ValueError if an asymmetric z = 0, which v1 cannot store) or ``"gptq_v2"``. ``dtype``: the
+    checkpoint's float dtype (scales, biases and every tensor that is not quantized), float16 as the readers expect;
     float32 keeps a float32 model and the engine's scales exactly. ``max_shard_size``: bytes per
     safetensors file. The model is not changed.
     """
@@ -86,12 +85,6 @@ def save(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     fmt, zero = prepared.info["checkpoint_format"], prepared.info["zero_point_layers"]
-    if zero and checkpoint_format == "auto":
-        warnings.warn(
-            f"{len(zero)} layers have asymmetric zero points equal to 0, which GPTQ v1 cannot store: "
-            f"wrote checkpoint_format 'gptq_v2' (read by GPTQModel and lrgptq). First: {next(iter(zero))}",
-            stacklevel=2,
-        )
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     return Saved(Path(out_dir).absolute(), fmt, files, size, zero)
 

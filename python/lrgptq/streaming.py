@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
@@ -383,14 +382,7 @@ def _finish(model: nn.Module, out: Path, manifest: Dict[str, Any], block_path: s
     entries = [manifest["blocks"][k] for k in sorted(manifest["blocks"], key=int)]
     fmt = checkpoint_format
     if fmt == "auto":
-        fmt = "gptq_v2" if any(e["checkpoint_format"] == "gptq_v2" for e in entries) else "gptq"
-        zero = {n: c for e in entries for n, c in e["zero_point_layers"].items()}
-        if zero:
-            warnings.warn(
-                f"{len(zero)} layers have asymmetric zero points equal to 0, which GPTQ v1 cannot store: "
-                f"wrote checkpoint_format 'gptq_v2' (read by GPTQModel and lrgptq). First: {next(iter(zero))}",
-                stacklevel=3,
-            )
+        fmt = gptq.default_format(cfg.sym)
     for e in entries:
         if e["checkpoint_format"] != fmt:
             _to_v2(out / e["file"], cfg.bits)
