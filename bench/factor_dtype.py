@@ -32,7 +32,7 @@ BLOCKS = (0, 10, 20, 29)
 def real_layers(n_windows: int = 32, length: int = 256) -> Iterator[Tuple[str, torch.Tensor, torch.Tensor]]:
     """(name, W, X) for q_proj and down_proj of BLOCKS, X captured in one forward pass."""
     from lrgptq.calib import text_windows
-    from lrgptq.data import austen_books, load_demo_model
+    from lrgptq.demo.data import austen_books, load_demo_model
 
     model, tok = load_demo_model()
     ids = text_windows(austen_books()["emma"], tok, n_windows, length, seed=0)

@@ -3,12 +3,12 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(lrgptq, m) {
-  // Accumulators (DESIGN §2): update a state in place from a batch X (..., d).
+  // Accumulators (docs/design.md §2): update a state in place from a batch X (..., d).
   m.def("gram_update(Tensor(a!) H, Tensor X) -> ()");
   m.def("qr_update(Tensor(a!) R, Tensor X) -> ()");
   m.def("sketch_update(Tensor(a!) Y, Tensor X, int seed, int offset, str kind, int zeta) -> ()");
 
-  // Factor routes (DESIGN §3): accumulator state -> column order and engine-ready factor.
+  // Factor routes (docs/design.md §3): accumulator state -> column order and engine-ready factor.
   // force_spectrum: svdqr computes the spectrum even where truncation provably keeps everything.
   m.def(
       "factor(Tensor A, str source, str route, str order, float damp, str damp_ref, "
@@ -27,7 +27,7 @@ TORCH_LIBRARY(lrgptq, m) {
       "-> (Tensor codes, Tensor scales, Tensor zeros, Tensor g_idx, Tensor Q, Tensor row_loss, "
       "Tensor row_clipped, Tensor grid_passes)");
 
-  // The GPTQ checkpoint layout (DESIGN §9): integer values <-> int32 words along a dimension.
+  // The GPTQ checkpoint layout (docs/design.md §9): integer values <-> int32 words along a dimension.
   m.def("pack_bits(Tensor values, int bits, int dim) -> Tensor");
   m.def("unpack_bits(Tensor packed, int bits, int dim, int n) -> Tensor");
 
@@ -37,7 +37,7 @@ TORCH_LIBRARY(lrgptq, m) {
       "qmatmul(Tensor x, Tensor qweight, Tensor qzeros, Tensor scales, Tensor g_idx, int bits, "
       "int zero_offset, Tensor? bias) -> Tensor");
 
-  // GPTVQ (DESIGN §5): D-dimensional codebooks per (column group × row group), EM-fitted,
+  // GPTVQ (docs/design.md §5): D-dimensional codebooks per (column group × row group), EM-fitted,
   // with the error-feedback loop on the D×D diagonal blocks of U. codes (d_out, d/dim) and Q's
   // columns are in perm order; Q comes back in the original column order.
   m.def(

@@ -8,7 +8,7 @@
 //   E·Ū = base − q  (forward substitution; base = t, or the original w for the ql form, D = 1 only)
 //   T[:, l] −= E · U[j:j+D, l]  for l ≥ j + D (inside the block; one GEMM for the columns after it)
 //   loss += ‖(t − q)·Ū⁻¹‖².
-// With D = 1 every step is GPTQ's (DESIGN §4), operation for operation.
+// With D = 1 every step is GPTQ's (docs/design.md §4), operation for operation.
 //
 // Codebooks: K = 2^(bits·D) centroids of D values per (column group × row group); gc columns
 // (a multiple of D) by gr rows. At a column group's first column (always a block start, so every

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import torch
 pytest.importorskip("transformers")
 
 import lrgptq  # noqa: E402
+from lrgptq.formats.gptq import zero_point_layers  # noqa: E402
 from lrgptq.models import weight_matrix  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -62,7 +64,6 @@ def test_round_trip_is_exact_for_every_architecture(tmp_path, arch):
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), f"{arch}: logits moved"
 
 
-@pytest.mark.filterwarnings("ignore:.*zero points equal to 0")  # 8 bits may write gptq_v2
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_round_trip_every_width_with_the_lrgptq_route(tmp_path, bits):
     model, report, ids = quantized(bits=bits, group_size=48)  # svdqr, pivoted order, short last group
@@ -202,8 +203,7 @@ def _with_zero_points(seed=0):
 def test_zero_point_zero_is_an_explicit_decision(tmp_path):
     model, report = _with_zero_points()
     assert int((report.results["model.layers.0.mlp.up_proj"].zeros == 0).sum()) > 0
-    with pytest.warns(UserWarning, match=r"zero points equal to 0.*gptq_v2"):
-        saved = lrgptq.save(model, report, tmp_path / "auto", dtype=torch.float32)
+    saved = lrgptq.save(model, report, tmp_path / "auto", dtype=torch.float32)
     assert saved.checkpoint_format == "gptq_v2" and "model.layers.0.mlp.up_proj" in saved.zero_point_layers
     qc = json.loads((tmp_path / "auto" / "config.json").read_text())["quantization_config"]
     assert qc["checkpoint_format"] == "gptq_v2"
@@ -213,9 +213,36 @@ def test_zero_point_zero_is_an_explicit_decision(tmp_path):
     with pytest.raises(ValueError, match=r"'gptq' \(v1\) .* cannot hold .* model\.layers\.0\.mlp\.up_proj"):
         lrgptq.save(model, report, tmp_path / "v1", checkpoint_format="gptq")
     assert not (tmp_path / "v1").exists()
-    # Without z = 0, auto writes v1, which every reader takes.
-    m2, r2, _ = quantized(sym=True)
-    assert lrgptq.save(m2, r2, tmp_path / "sym").checkpoint_format == "gptq"
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+def test_auto_format_is_v1_for_symmetric_and_v2_for_asymmetric_grids(tmp_path, bits, sym):
+    # docs/interop.md: GPTQModel refuses asymmetric v1 files it did not write, and every reader
+    # (GPTQModel, transformers + optimum, vLLM) takes asymmetric gptq_v2 and symmetric v1. The
+    # rule depends on the grid alone: these models have no z = 0, and no warning is given.
+    model, report, ids = quantized(bits=bits, sym=sym, **ACT)
+    assert not zero_point_layers(report)
+    want = "gptq" if sym else "gptq_v2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        saved = lrgptq.save(model, report, tmp_path / "auto", dtype=torch.float32)
+    assert saved.checkpoint_format == want and saved.zero_point_layers == {}
+    for name in ("config.json", "quantize_config.json"):
+        qc = json.loads((tmp_path / "auto" / name).read_text())
+        assert qc.get("quantization_config", qc)["checkpoint_format"] == want, name
+    loaded = lrgptq.load(tmp_path / "auto")
+    for name in report.results:
+        q = loaded.get_submodule(name)
+        assert q.checkpoint_format == want, name
+        assert torch.equal(q.dequantize(), weight_matrix(model.get_submodule(name))), name
+    # The other format on request, read back to the same weights (v1 needs no z = 0 here).
+    other = "gptq_v2" if sym else "gptq"
+    assert lrgptq.save(model, report, tmp_path / other, checkpoint_format=other,
+                       dtype=torch.float32).checkpoint_format == other
+    a, b = lrgptq.load(tmp_path / other), lrgptq.load(tmp_path / "auto")
+    for name in report.results:
+        assert torch.equal(a.get_submodule(name).dequantize(), b.get_submodule(name).dequantize()), name
 
 
 def test_shards_index_and_tokenizer(tmp_path):

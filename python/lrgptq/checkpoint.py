@@ -105,7 +105,6 @@ def save(
     with _atomic_dir(out_dir) as tmp:
         files = write_shards(part.tensors, tmp, max_shard_size)
         writer.write_configs(tmp, qc, tokenizer)
-    writer.warn(part.info)
     return Saved(Path(out_dir).absolute(), part.info["checkpoint_format"], files, part.bytes,
                  part.info["zero_point_layers"])
 

@@ -282,7 +282,6 @@ class _Run:
 
         entries = [self.done[k] for k in sorted(self.done, key=int)]
         info = self.writer.merge(entries)
-        self.writer.warn(info, stacklevel=4)
         for e in entries:
             if e["checkpoint_format"] != info["checkpoint_format"]:
                 path = self.out / e["file"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -95,12 +94,6 @@ class CheckpointWriter:
         if tokenizer is not None:
             tokenizer.save_pretrained(str(root))
         write_json_atomic(root / "config.json", model_config(self.model, self.dtype, quantization_config))
-
-    def warn(self, info: Dict[str, Any], stacklevel: int = 2) -> None:
-        """The layout's warning about the variant it chose, if it has one."""
-        message = self.layout.format_warning(info, self.requested)
-        if message:
-            warnings.warn(message, stacklevel=stacklevel + 1)
 
 
 def tensors_to_save(

@@ -13,7 +13,6 @@ here with the same names:
   ``checkpoint_format``, ``zero_point_layers``, ...), for the whole model or a part of it;
 - ``final_format(formats) -> str``: the variant of a checkpoint whose parts chose ``formats``;
 - ``convert(tensors, fmt, to, cfg)``: a part's tensors rewritten from variant ``fmt`` to ``to``;
-- ``format_warning(info, requested) -> str | None``: what the writer warns about its choice;
 - ``quantization_config(cfg, layers, info, true_sequential, dtype)``: the config block;
 - ``parse_config(qc, where) -> settings``: a validated view of a loaded ``quantization_config``;
 - ``quantized_names(keys) -> set``: which modules a checkpoint's tensor names quantize;

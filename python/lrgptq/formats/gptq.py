@@ -12,11 +12,15 @@ The bit rule (csrc/bitpack.h): one little-endian stream per column, 3-bit values
 words; a count that does not fill the last word leaves its high bits zero (GPTQModel's ceil
 rule; AutoGPTQ's floor rule reads the same bytes whenever 32 divides the count).
 
-Zero points. ``checkpoint_format`` "gptq" (v1, what every reader takes) stores z − 1 and readers
-add 1 back; "gptq_v2" stores z (GPTQModel only). An asymmetric z = 0 has no v1 encoding: z − 1
-= −1 either spills into the neighbouring field (readers that add 1 to the whole word) or reads
-back as 2^bits (readers that add 1 to the field). So "auto" writes v1 unless some zero point is
-0, and then gptq_v2 and says so; "gptq" refuses such a model with ValueError; nothing is clamped.
+Zero points. ``checkpoint_format`` "gptq" (v1) stores z − 1 and readers add 1 back; "gptq_v2"
+stores z. An asymmetric z = 0 has no v1 encoding: z − 1 = −1 either spills into the neighbouring
+field (readers that add 1 to the whole word) or reads back as 2^bits (readers that add 1 to the
+field), so "gptq" refuses such a model with ValueError; nothing is clamped. "auto" (the default,
+:func:`default_format`) decides by the grid, as measured with the readers (docs/interop.md):
+symmetric grids are written as v1, which every reader takes (vLLM's Marlin kernel included);
+asymmetric grids as gptq_v2, because GPTQModel refuses any asymmetric v1 file that it did not
+write itself, while transformers (+optimum) and vLLM's gptq kernel read gptq_v2's zero points
+as stored.
 
 ``desc_act`` is true when any layer's columns were quantized out of order (act-order or pivoted
 order): readers that see false assume g_idx = i // group_size and may ignore g_idx.
@@ -66,11 +70,18 @@ def zero_point_layers(report: Any) -> Dict[str, int]:
     return out
 
 
+def default_format(sym: bool) -> str:
+    """What ``checkpoint_format="auto"`` writes for a symmetric (``sym``) or asymmetric grid:
+    the format that GPTQModel, transformers (+optimum) and vLLM all load (docs/interop.md)."""
+    return "gptq" if sym else "gptq_v2"
+
+
 def choose_format(report: Any, requested: str) -> Tuple[str, Dict[str, int]]:
-    """The checkpoint_format to write and the layers with z = 0 that decided it."""
+    """The checkpoint_format to write, and the layers with asymmetric zero points equal to 0
+    (which only gptq_v2 can hold)."""
     zero = zero_point_layers(report)
     if requested == "auto":
-        return ("gptq_v2" if zero else "gptq"), zero
+        return default_format(report.config.sym), zero
     if requested not in FORMATS:
         raise ValueError(f"checkpoint_format must be 'auto' or one of {FORMATS}, got {requested!r}")
     if requested == "gptq" and zero:
@@ -78,8 +89,8 @@ def choose_format(report: Any, requested: str) -> Tuple[str, Dict[str, int]]:
         more = f" and {len(zero) - 5} more" if len(zero) > 5 else ""
         raise ValueError(
             f"checkpoint_format 'gptq' (v1) stores z − 1 and cannot hold the asymmetric zero points equal "
-            f"to 0 in {listed}{more}; write checkpoint_format='gptq_v2' (read by GPTQModel) or 'auto', "
-            "or quantize with sym=True"
+            f"to 0 in {listed}{more}; write checkpoint_format='gptq_v2' (what 'auto' writes for asymmetric "
+            "grids), or quantize with sym=True"
         )
     return requested, zero
 
@@ -164,15 +175,6 @@ def final_format(formats: List[str]) -> str:
     """The checkpoint_format of a checkpoint whose parts were prepared in ``formats`` (a streamed
     run decides block by block): gptq_v2 as soon as one part needs it."""
     return "gptq_v2" if "gptq_v2" in formats else (formats[0] if formats else "gptq")
-
-
-def format_warning(info: Dict[str, Any], requested: str) -> Optional[str]:
-    """What the writer warns about the format it chose (``info`` as ``prepare`` returns it)."""
-    zero = info.get("zero_point_layers") or {}
-    if not zero or requested != "auto":
-        return None
-    return (f"{len(zero)} layers have asymmetric zero points equal to 0, which GPTQ v1 cannot store: "
-            f"wrote checkpoint_format 'gptq_v2' (read by GPTQModel and lrgptq). First: {next(iter(zero))}")
 
 
 def convert(tensors: Dict[str, torch.Tensor], fmt: str, to: str, cfg: Any) -> Dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ int8 is exact in float32, so a saved layer computes the engine's weights bit for
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Set
+from typing import Any, Dict, Iterable, List, Set
 
 import torch
 from torch import nn
@@ -73,11 +73,6 @@ def prepare(model: nn.Module, report: Any, checkpoint_format: str = "auto",
 def final_format(formats: List[str]) -> str:
     """One format for every part: the gptvq layout has no variants."""
     return QUANT_METHOD
-
-
-def format_warning(info: Dict[str, Any], requested: str) -> Optional[str]:
-    """Nothing to warn about: the layout has no variants to choose from."""
-    return None
 
 
 def convert(tensors: Dict[str, torch.Tensor], fmt: str, to: str, cfg: Any) -> Dict[str, torch.Tensor]:
