@@ -1,6 +1,6 @@
 """The checkpoint writer (lrgptq.writer): a model packed part by part (as a streamed run packs
 block by block) merges into what packing it whole gives: the same decisions, the same
-quantization_config, and, after a part written as GPTQ v1 is converted, the same tensors."""
+quantization_config and the same tensors; a part in the other GPTQ variant converts exactly."""
 
 import warnings
 
@@ -46,7 +46,8 @@ def test_parts_merge_into_the_whole(gen, cfg, zero):
         prefix = f"model.layers.{i}."
         parts.append(writer.pack(*_by_block(report, i), include=lambda k, p=prefix: k.startswith(p)))
     info = writer.merge([p.info for p in parts])
-    want = {"gptvq"} if "vq_dim" in cfg else {"gptq_v2" if zero else "gptq"}
+    # "auto" writes gptq_v2 for asymmetric grids whatever their zero points (docs/interop.md)
+    want = {"gptvq"} if "vq_dim" in cfg else {"gptq" if report.config.sym else "gptq_v2"}
     assert {info["checkpoint_format"], whole.info["checkpoint_format"]} == want
     for key in ("zero_point_layers", "desc_act", "lm_head"):
         assert info.get(key) == whole.info.get(key, info.get(key)), key
@@ -59,8 +60,8 @@ def test_parts_merge_into_the_whole(gen, cfg, zero):
         assert tensors.keys() <= whole.tensors.keys()
         for k, t in tensors.items():
             assert t.dtype == whole.tensors[k].dtype and torch.equal(t, whole.tensors[k]), k
-    if zero:  # block 0 alone has no z = 0: written as v1, converted above
-        assert parts[0].info["checkpoint_format"] == "gptq"
+    # under "auto" every part takes the whole's format: no part needs converting
+    assert all(p.info["checkpoint_format"] == info["checkpoint_format"] for p in parts)
 
 
 def test_a_v1_part_converts_to_v2_and_back(gen):
