@@ -14,7 +14,11 @@ def test_the_core_never_imports_the_demo():
     code = ("import sys, importlib\n"
             f"for m in {core!r}: importlib.import_module('lrgptq.' + m)\n"
             "print(sorted(m for m in sys.modules if m.startswith('lrgptq.demo')))")
-    path = os.pathsep.join([os.path.join(ROOT, "python"), os.environ.get("PYTHONPATH", "")])
+    import lrgptq
+
+    # the package this interpreter imports (an installed one, or a dev build under PYTHONPATH=python)
+    where = os.path.dirname(os.path.dirname(lrgptq.__file__))
+    path = os.pathsep.join([where, os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
