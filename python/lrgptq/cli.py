@@ -246,12 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="quantize the packaged model with each method and print perplexities",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d.add_argument("--bits", type=int, nargs="+", default=[4, 3], help="bit widths to compare")
-    d.add_argument("--methods", nargs="+", default=["rtn", "gptq", "lrgptq"], choices=sorted(METHODS))
-    d.add_argument("--nsamples", type=int, default=16, help="calibration windows")
+    d.add_argument("--bits", type=int, nargs="+", default=[3], help="bit widths to compare")
+    d.add_argument("--methods", nargs="+", default=["rtn", "gptq", "gptq-act", "lrgptq", "gptvq"],
+                   help="methods to compare: rtn, gptq, gptq-act (act-order GPTQ, the baseline), lrgptq, "
+                        "gptvq (2-D codebooks at about the same bits per weight)")
+    d.add_argument("--nsamples", type=int, default=8, help="calibration windows")
     d.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
     d.add_argument("--window", type=int, default=512, help="perplexity window (tokens)")
-    d.add_argument("--max-windows", type=int, default=16, help="perplexity windows")
+    d.add_argument("--max-windows", type=int, default=24, help="perplexity windows")
     d.set_defaults(func=cmd_demo)
     return p
 

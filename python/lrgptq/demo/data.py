@@ -35,10 +35,11 @@ def austen_books() -> Dict[str, str]:
     out_dir = os.path.join(cache_dir(), "austen")
     if not os.path.isfile(os.path.join(out_dir, f"{EVAL_BOOK}.txt")):
         _extract_austen(out_dir)
-    return {
-        os.path.basename(p)[:-4]: open(p, encoding="utf-8").read()
-        for p in sorted(glob.glob(os.path.join(out_dir, "*.txt")))
-    }
+    books = {}
+    for p in sorted(glob.glob(os.path.join(out_dir, "*.txt"))):
+        with open(p, encoding="utf-8") as f:
+            books[os.path.basename(p)[:-4]] = f.read()
+    return books
 
 
 def _extract_austen(out_dir: str) -> None:
