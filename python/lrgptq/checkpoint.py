@@ -119,7 +119,7 @@ def load(path: PathLike, dtype: Optional[torch.dtype] = None) -> nn.Module:
     if not root.is_dir():
         raise ValueError(f"{root}: not a directory (a checkpoint is a directory with config.json)")
     cfg_path = root / "config.json"
-    config = _read_json(cfg_path)
+    config = read_json(cfg_path)
     qc = config.get("quantization_config")
     if qc is None:
         raise ValueError(f"{cfg_path}: no quantization_config, so this is not a quantized checkpoint")
@@ -127,10 +127,10 @@ def load(path: PathLike, dtype: Optional[torch.dtype] = None) -> nn.Module:
     settings = layout.parse_config(qc, str(cfg_path))
     qc_path = root / "quantize_config.json"
     if qc_path.exists():
-        other = layout.parse_config(_read_json(qc_path), str(qc_path))
+        other = layout.parse_config(read_json(qc_path), str(qc_path))
         if other != settings:
             raise ValueError(f"{qc_path} says {other}, but {cfg_path} says {settings}: which one is true?")
-    files = _tensor_files(root)
+    files = tensor_files(root)
     quantized = layout.quantized_names(files)
     if not quantized:
         raise ValueError(f"{root}: no quantized layer in the tensors (no '<layer>.qweight')")
@@ -141,7 +141,7 @@ def load(path: PathLike, dtype: Optional[torch.dtype] = None) -> nn.Module:
         owner = k.rpartition(".")[0]
         if owner in quantized:
             by_layer.setdefault(owner, []).append(k)
-    with _Reader(files) as read:
+    with TensorReader(files) as read:
         for name, linear in linears.items():
             prefix = name + "."
             tensors = {k[len(prefix) :]: read(k) for k in by_layer[name]}
@@ -194,7 +194,7 @@ def check_save_target(out: Path) -> None:
     does not list (the user's, added since: replacing the directory would delete them)."""
     if not check_target(out, MARKER, "replace it with a checkpoint (which would delete what it holds)"):
         return
-    marker = _read_json(out / MARKER)
+    marker = read_json(out / MARKER)
     listed = marker.get("files")
     if marker.get("written_by") != "lrgptq" or not isinstance(listed, list):
         raise ValueError(f"{out / MARKER}: not an lrgptq marker (no written_by/files); refusing to replace {out}")
@@ -258,7 +258,7 @@ def regular_file(path: Path, limit: Optional[int] = None) -> int:
     return st.st_size
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
+def read_json(path: Path) -> Dict[str, Any]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as err:
@@ -285,13 +285,13 @@ def _read_json(path: Path) -> Dict[str, Any]:
     return obj
 
 
-def _tensor_files(root: Path) -> Dict[str, Path]:
+def tensor_files(root: Path) -> Dict[str, Path]:
     """Tensor name -> the safetensors file that holds it."""
     from safetensors import safe_open
 
     index = root / INDEX
     if os.path.lexists(index):
-        wm = _read_json(index).get("weight_map")
+        wm = read_json(index).get("weight_map")
         if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
             raise ValueError(f"{index}: weight_map must map tensor names to file names")
         if len(wm) > MAX_TENSORS:
@@ -323,7 +323,7 @@ def _check_header(path: Path) -> None:
                          f"and lrgptq reads headers up to {MAX_HEADER_BYTES} bytes)")
 
 
-class _Reader:
+class TensorReader:
     """Reads tensors by name from their files, turning any read failure into a ValueError."""
 
     def __init__(self, files: Dict[str, Path]) -> None:
@@ -331,7 +331,7 @@ class _Reader:
         self.stack = contextlib.ExitStack()
         self.handles: Dict[Path, Any] = {}
 
-    def __enter__(self) -> "_Reader":
+    def __enter__(self) -> "TensorReader":
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -349,7 +349,7 @@ class _Reader:
             raise ValueError(f"{path}: cannot read tensor {key} ({err})") from err
 
 
-def _no_init() -> contextlib.AbstractContextManager:
+def no_init() -> contextlib.AbstractContextManager:
     """transformers' context that skips random initialisation (its home moved in v5)."""
     for where in ("transformers.initialization", "transformers.modeling_utils"):
         try:
@@ -373,7 +373,7 @@ def _build(root: Path, config: Dict[str, Any]) -> nn.Module:
         cfg = transformers.AutoConfig.from_pretrained(str(root))
         if hasattr(cfg, "quantization_config"):
             del cfg.quantization_config  # lrgptq replaces the layers itself
-        with _no_init():
+        with no_init():
             return cls(cfg)
     except Exception as err:  # transformers' own errors for a config it cannot build
         raise ValueError(f"{where}: transformers cannot build {arch} from it ({type(err).__name__}: {err})") from err
@@ -418,10 +418,3 @@ def _load_rest(model: nn.Module, tensors: Dict[str, torch.Tensor], quantized: se
     for k in list(tensors) + missing:
         if now[k].data_ptr() not in loaded:
             raise ValueError(f"tensor {k} is missing from the checkpoint's files and is not tied to one there")
-
-
-# What a streamed run (streaming.py) reads with: the model's files, as ``load`` reads them.
-read_json = _read_json
-tensor_files = _tensor_files
-TensorReader = _Reader
-no_init = _no_init

@@ -44,7 +44,7 @@ def quantized_checkpoint(path: str) -> bool:
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return False
-    qc = checkpoint._read_json(cfg).get("quantization_config")
+    qc = checkpoint.read_json(cfg).get("quantization_config")
     return isinstance(qc, dict) and qc.get("quant_method") in formats.LAYOUTS
 
 
