@@ -98,3 +98,18 @@ def test_auto_writes_without_a_warning_whatever_the_zero_points(gen):
         info = auto.pack(report.results, report.layers).info
     assert info["checkpoint_format"] == "gptq_v2" and info["zero_point_layers"]
 
+
+
+@pytest.mark.parametrize("what", ["safetensors", "json"])
+def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path, what):
+    from lrgptq import writer
+
+    target = tmp_path / ("x.safetensors" if what == "safetensors" else "x.json")
+    with pytest.raises((TypeError, ValueError)):
+        if what == "safetensors":
+            writer.save_file_atomic({"a": "not a tensor"}, target)
+        else:
+            cycle = {}
+            cycle["self"] = cycle  # json refuses a circular reference midway through the write
+            writer.write_json_atomic(target, cycle)
+    assert list(tmp_path.iterdir()) == []

@@ -85,9 +85,9 @@ def save(
     as a GPTQ checkpoint in ``out_dir`` (a GPTVQ quantization, ``vq_dim`` > 0, in lrgptq's
     ``gptvq`` layout: docs/vq.md).
 
-    ``checkpoint_format``: ``"auto"`` (v1 ``"gptq"``, which every reader takes, unless an
-    asymmetric zero point is 0, which v1 cannot store: then ``"gptq_v2"`` with a warning),
-    ``"gptq"`` (ValueError if any z = 0) or ``"gptq_v2"``. ``dtype``: the checkpoint's float
+    ``checkpoint_format``: ``"auto"`` (``"gptq_v2"`` for an asymmetric grid, v1 ``"gptq"`` for a
+    symmetric one: what GPTQModel and transformers+optimum both load, docs/interop.md), ``"gptq"``
+    (ValueError if an asymmetric z = 0, which v1 cannot store) or ``"gptq_v2"``. ``dtype``: the checkpoint's float
     dtype (scales, biases and every tensor that is not quantized), float16 as the readers expect;
     float32 keeps a float32 model and the engine's scales exactly. ``max_shard_size``: bytes per
     safetensors file. The model is not changed.

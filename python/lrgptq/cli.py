@@ -125,6 +125,11 @@ def _check_quantize(args: argparse.Namespace) -> None:
     preflight.at_least(args.max_windows, "--max-windows", 1, "perplexity windows")
     if args.save:
         preflight.save_dir(args.save, args.model, args.stream)
+        from . import formats
+
+        # e.g. 5 bits (no GPTQ layout) or float codebooks: refused now, not after every block
+        cfg = _config(args)
+        formats.for_config(cfg).check_request(cfg, "auto", torch.float16)
     if args.report:
         preflight.output_file(args.report, "--report")
     if not args.eval_text and (args.window != 512 or args.max_windows is not None):
@@ -173,7 +178,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
         save(model, report, args.save, tok)
     if args.save and comm.is_writer:
-        say(f"saved the GPTQ checkpoint to {args.save}")
+        layout = "GPTVQ (lrgptq's gptvq layout)" if cfg.vq_dim else "GPTQ"
+        say(f"saved the {layout} checkpoint to {args.save}")
     if eval_ids is not None and comm.is_writer:
         if args.stream:
             from .checkpoint import load

@@ -5,7 +5,7 @@ A checkpoint directory holds safetensors files (one ``model.safetensors``, or se
 ``model.safetensors.index.json``), ``quantize_config.json``, the tokenizer's files when given,
 and ``config.json`` (the model's transformers config with the ``quantization_config`` block),
 written last. What a quantized layer becomes on disk, the ``quantization_config`` block, the
-choice between a layout's variants (GPTQ v1/v2 zero points) and its warning are the layout's
+choice between a layout's variants (GPTQ v1/v2 zero points) are the layout's
 business (``lrgptq.formats``, chosen by ``formats.for_config``); this module does the rest.
 
 :class:`CheckpointWriter` packs a model's results in one go (``save``) or part by part (a
@@ -187,21 +187,29 @@ def save_file_atomic(tensors: Dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    writer_mode(tmp)
-    fsync(tmp)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        writer_mode(tmp)
+        fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or an interrupt leaves no stray temporary file
+        raise
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """A JSON file written and synced under a temporary name, then renamed into place."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def fsync(path: Path) -> None:
