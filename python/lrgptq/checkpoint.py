@@ -153,8 +153,10 @@ def load(path: PathLike, dtype: Optional[torch.dtype] = None) -> nn.Module:
         for k, t in tensors.items():  # as stored, before any cast
             check_finite(t, k, str(files[k]))
         if dtype is not None:
-            tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
-            over = [k for k, t in tensors.items() if t.is_floating_point() and t.numel() and not all_finite(t)]
+            # finite as stored (checked above), so only a tensor the cast changes can overflow
+            cast = {k for k, t in tensors.items() if t.is_floating_point() and t.dtype != dtype}
+            tensors = {k: t.to(dtype) if k in cast else t for k, t in tensors.items()}
+            over = [k for k in cast if tensors[k].numel() and not all_finite(tensors[k])]
             if over:
                 raise ValueError(f"{files[over[0]]}: {over[0]} overflows {dtype}; load with dtype=torch.float32 "
                                  "(or None, the checkpoint's own)")
