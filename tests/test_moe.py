@@ -15,7 +15,7 @@ from lrgptq import moe, pipeline  # noqa: E402
 from lrgptq.capture import input_hooks  # noqa: E402
 from lrgptq.models import find_blocks, find_linears  # noqa: E402
 
-from tiny_models import MOE_ARCHS, UNKNOWN_MOE_ARCHS, VOCAB, output_of  # noqa: E402
+from tiny_models import MOE_ARCHS, UNKNOWN_MOE_ARCHS, VOCAB, output_of, starve  # noqa: E402
 
 CFG = dict(bits=4, group_size=32)
 ACT = dict(route="cholesky", accumulator="gram", order="act")
@@ -41,31 +41,6 @@ def expert_weight(model, name):
     """The (out, in) matrix of the per-expert layer ``name`` inside the fused parameters."""
     with moe.unfused(model):
         return model.get_submodule(name).weight.detach().clone()
-
-
-class StarvingRouter(nn.Module):
-    """The model's own router (softmax top-k of a linear map) with experts ``dead`` never chosen
-    and expert ``few`` chosen by the first ``n_few`` tokens of each call only."""
-
-    def __init__(self, inner, dead, few, n_few):
-        super().__init__()
-        self.weight, self.top_k = inner.weight, inner.top_k
-        self.dead, self.few, self.n_few = list(dead), few, n_few
-
-    def forward(self, h):
-        h = h.reshape(-1, self.weight.shape[1])
-        logits = nn.functional.linear(h, self.weight)
-        logits[:, self.dead] = -1e4
-        logits[self.n_few:, self.few] = -1e4
-        logits[: self.n_few, self.few] = 1e4
-        top, idx = torch.topk(logits, self.top_k, dim=-1)  # no ties among the dead: -1e4 is below every logit
-        return logits, torch.softmax(top, dim=-1), idx
-
-
-def starve(model, dead=(6, 7), few=5, n_few=3):
-    for layer in model.model.layers:
-        layer.mlp.gate = StarvingRouter(layer.mlp.gate, dead, few, n_few)
-    return model
 
 
 @pytest.mark.parametrize("arch", sorted(MOE_ARCHS))
@@ -256,3 +231,20 @@ def test_streamed_moe_checkpoint_equals_the_in_memory_one(tmp_path, gen):
     assert sorted(sa) == sorted(sb) and "model.layers.1.mlp.experts.7.down_proj.qweight" in sa
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+
+
+def test_an_expert_left_out_with_skip_round_trips_in_full_precision(tmp_path, gen):
+    model = build("olmoe")
+    ids = ids_for(gen)
+    kept = expert_weight(model, "model.layers.0.mlp.experts.3.up_proj")
+    report = quantize(model, ids, skip=["experts.3."])  # expert 3 of every MoE layer
+    assert not any(".experts.3." in n for n in report.results)
+    assert "model.layers.1.mlp.experts.2.up_proj" in report.results
+    assert torch.equal(expert_weight(model, "model.layers.0.mlp.experts.3.up_proj"), kept)
+    lrgptq.save(model, report, tmp_path / "ckpt", dtype=torch.float32)
+    loaded = lrgptq.load(tmp_path / "ckpt")
+    ex = loaded.model.layers[0].mlp.experts
+    assert type(ex[3].up_proj) is nn.Linear and torch.equal(ex[3].up_proj.weight, kept)
+    assert isinstance(ex[2].up_proj, lrgptq.QuantLinear)
+    ref, out = output_of(model, ids), output_of(loaded, ids)
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()

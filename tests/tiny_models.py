@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 
@@ -75,3 +75,29 @@ UNKNOWN_MOE_ARCHS: Dict[str, Callable[[], torch.nn.Module]] = {
     "gpt_oss": _build("GptOssForCausalLM", "GptOssConfig", **_MOE, head_dim=16, intermediate_size=32,
                       num_local_experts=8, layer_types=["full_attention"] * 2),
 }
+
+
+class StarvingRouter(torch.nn.Module):
+    """A MoE model's router (top-k of a linear map, softmax over the k) with experts ``dead``
+    never chosen and expert ``few`` chosen by the first ``n_few`` tokens of each forward pass only."""
+
+    def __init__(self, inner: torch.nn.Module, dead: Sequence[int], few: int, n_few: int) -> None:
+        super().__init__()
+        self.weight, self.top_k = inner.weight, inner.top_k
+        self.dead, self.few, self.n_few = list(dead), few, n_few
+
+    def forward(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = h.reshape(-1, self.weight.shape[1])
+        logits = torch.nn.functional.linear(h, self.weight)
+        logits[:, self.dead] = -1e4
+        logits[self.n_few:, self.few] = -1e4
+        logits[: self.n_few, self.few] = 1e4
+        top, idx = torch.topk(logits, self.top_k, dim=-1)  # no ties among the dead: -1e4 is below every logit
+        return logits, torch.softmax(top, dim=-1), idx
+
+
+def starve(model: torch.nn.Module, dead: Sequence[int] = (6, 7), few: int = 5, n_few: int = 3) -> torch.nn.Module:
+    """``model`` with every MoE layer's router replaced by a :class:`StarvingRouter`."""
+    for layer in model.model.layers:
+        layer.mlp.gate = StarvingRouter(layer.mlp.gate, dead, few, n_few)
+    return model

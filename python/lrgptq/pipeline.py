@@ -2,7 +2,9 @@
 
 For each block: its linears are split into sequential subsets (the layers that read the same
 input, in execution order: q/k/v, then o, then gate/up, then down). With ``true_sequential``
-each subset's inputs are captured after the subsets before it were quantized. The block is then
+each subset's inputs are captured after the subsets before it were quantized. Fused MoE experts
+(transformers 5's 3-D parameters) are per-expert linears for the time their block is quantized
+(lrgptq.moe): every expert's gate/up in one subset, then every expert's down. The block is then
 re-run to produce the next block's inputs from the quantized block. If anything fails, every
 weight already changed is put back and the hooks are gone.
 """
