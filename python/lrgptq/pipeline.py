@@ -226,7 +226,9 @@ def quantize_model(
     progress: bool = True,
     comm: Optional[Comm] = None,
 ) -> ModelReport:
-    """Quantizes every linear layer inside ``model``'s blocks in place; returns a report.
+    """Quantizes every linear layer inside ``model``'s blocks in place (but single-output gates,
+    which readers keep in full precision), and every expert of fused MoE experts modules, each
+    from the tokens routed to it (docs/moe.md); returns a report.
 
     ``calib``: a list of strings (with ``tokenizer``), a LongTensor of token ids (N, L), or an
     iterable of such tensors or of dicts with ``input_ids``. ``blocks``: dotted path of the
