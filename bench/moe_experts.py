@@ -32,7 +32,8 @@ def main() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = lrgptq.quantize_model(model, ids, cfg, progress=False)
-    print(f"calibration: {tuple(ids.shape)} token ids; {cfg.route}, {cfg.bits} bits, g{cfg.group_size}, damp {cfg.damp}")
+    print(f"calibration: {tuple(ids.shape)} token ids; {cfg.route}, {cfg.bits} bits, g{cfg.group_size}, "
+          f"damp {cfg.damp}")
     print("| expert matrix | d | tokens | route | damp λ | rank | loss | note |")
     print("|---|---|---|---|---|---|---|---|")
     for r in report.layers:

@@ -248,3 +248,22 @@ def test_an_expert_left_out_with_skip_round_trips_in_full_precision(tmp_path, ge
     assert isinstance(ex[2].up_proj, lrgptq.QuantLinear)
     ref, out = output_of(model, ids), output_of(loaded, ids)
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_a_checkpoint_missing_an_experts_tensors_is_refused_naming_them(tmp_path, gen):
+    from safetensors.torch import load_file, save_file
+
+    model = build("qwen3_moe")
+    report = quantize(model, ids_for(gen))
+    lrgptq.save(model, report, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "model.safetensors"
+    tensors = {k: v for k, v in load_file(str(path)).items() if ".experts.4.up_proj." not in k}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.layers\.\d\.mlp\.experts\.4\.up_proj\.weight is missing"):
+        lrgptq.load(tmp_path / "ckpt")
+    tensors = load_file(str(path))
+    key = "model.layers.0.mlp.experts.2.down_proj.qweight"
+    tensors[key] = tensors[key][:1]
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"down_proj\.qweight is torch\.int32 \(1, 64\).*needs torch\.int32 \(4, 64\)"):
+        lrgptq.load(tmp_path / "ckpt")
