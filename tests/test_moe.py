@@ -267,3 +267,25 @@ def test_a_checkpoint_missing_an_experts_tensors_is_refused_naming_them(tmp_path
     save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"down_proj\.qweight is torch\.int32 \(1, 64\).*needs torch\.int32 \(4, 64\)"):
         lrgptq.load(tmp_path / "ckpt")
+
+
+def test_experts_with_the_right_shapes_but_another_forward_are_refused(gen):
+    model = build("qwen3_moe")
+    experts = model.model.layers[1].mlp.experts
+
+    def up_first(hidden_states, top_k_index, top_k_weights):  # reads the up rows as the gate's
+        out = torch.zeros_like(hidden_states)
+        for t in range(hidden_states.shape[0]):
+            for k in range(top_k_index.shape[1]):
+                e = int(top_k_index[t, k])
+                up, gate = nn.functional.linear(hidden_states[t], experts.gate_up_proj[e]).chunk(2)
+                out[t] += top_k_weights[t, k] * nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+        return out
+
+    experts.forward = up_first
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"mlp\.experts \(Qwen3MoeExperts\).*computes something else.*skip="):
+        quantize(model, ids_for(gen))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} changed by a failed run"
+    assert experts.forward is up_first and model.model.layers[1].mlp.experts is experts  # put back

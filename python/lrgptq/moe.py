@@ -112,6 +112,37 @@ def check_layout(name: str, module: nn.Module) -> None:
         )
 
 
+def check_routing(name: str, fused: nn.Module, view: ExpertList, tokens: int = 4) -> None:
+    """ValueError unless ``view`` computes what ``fused`` computes, on a few random tokens routed
+    to random experts: the parameter layout alone does not say that the module's forward is
+    transformers' loop (gate rows first, act(gate)·up, weighted sum over the top-k). Skipped on
+    the meta device (nothing to compute with)."""
+    p = getattr(fused, GATE_UP)
+    if p.device.type == "meta":
+        return
+    E, H = p.shape[0], p.shape[2]
+    gen = torch.Generator().manual_seed(0)
+    k = min(2, E)
+    h = torch.randn(tokens, H, generator=gen).to(p.device, p.dtype)
+    idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(tokens)]).to(p.device)
+    w = torch.rand(tokens, k, generator=gen).to(p.device, p.dtype)
+    fix = f"leave it in full precision with skip=[{name.rpartition('.')[2] or name!r}] (docs/moe.md)"
+    with torch.no_grad():
+        try:
+            want = fused(h, idx, w)
+        except Exception as err:  # any failure: the module is not called as lrgptq calls it
+            raise ValueError(f"{name} ({type(fused).__name__}) cannot be called as (hidden_states, top_k_index, "
+                             f"top_k_weights) ({type(err).__name__}: {err}); {fix}") from err
+        got = view(h, idx, w)
+    exact = p.dtype in (torch.float32, torch.float64)
+    tol = (1e-4 if exact else 3e-2) * float(want.abs().max()) + 1e-6
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape or float((want - got).abs().max()) > tol:
+        raise ValueError(
+            f"{name} ({type(fused).__name__}) holds {GATE_UP} and {DOWN} as lrgptq reads them, but its forward "
+            f"computes something else than each routed expert's {DOWN}(act(gate)·up) weighted by the router "
+            f"(checked on {tokens} random tokens); {fix}")
+
+
 def fused_experts(root: nn.Module, skip: Sequence[str] = (),
                   only: Optional[Callable[[str], bool]] = None) -> Dict[str, nn.Module]:
     """The modules under ``root`` that hold 3-D parameters directly (by name), less those whose
@@ -147,8 +178,10 @@ def unfused(root: nn.Module, skip: Sequence[str] = (),
     views: Dict[str, ExpertList] = {}
     try:
         for name, m in fused.items():
-            views[name] = ExpertList.view_of(m)
-            _swap(root, name, views[name])
+            view = ExpertList.view_of(m)
+            check_routing(name, m, view)
+            views[name] = view
+            _swap(root, name, view)
         yield views
     finally:
         for name in views:
