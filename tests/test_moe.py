@@ -15,7 +15,7 @@ from lrgptq import moe, pipeline  # noqa: E402
 from lrgptq.capture import input_hooks  # noqa: E402
 from lrgptq.models import find_blocks, find_linears  # noqa: E402
 
-from tiny_models import MOE_ARCHS, UNKNOWN_MOE_ARCHS, VOCAB, output_of, starve  # noqa: E402
+from tiny_models import MOE_ARCHS, VOCAB, output_of, starve  # noqa: E402
 
 CFG = dict(bits=4, group_size=32)
 ACT = dict(route="cholesky", accumulator="gram", order="act")
@@ -68,7 +68,7 @@ def test_every_expert_is_quantized_and_the_checkpoint_round_trips(tmp_path, gen,
     with safe_open(str(tmp_path / "ckpt" / saved.files[0]), framework="pt") as f:
         keys = set(f.keys())
     assert "model.layers.1.mlp.experts.7.down_proj.qweight" in keys
-    assert not any(k.endswith(("gate_up_proj", "experts.down_proj")) for k in keys)
+    assert not any(k.endswith(("gate_up_proj", "experts.down_proj", "_proj_bias")) for k in keys)
     loaded = lrgptq.load(tmp_path / "ckpt")
     ex = loaded.model.layers[0].mlp.experts
     assert isinstance(ex, moe.ExpertList) and isinstance(ex[3].up_proj, lrgptq.QuantLinear)
@@ -111,8 +111,9 @@ def test_captured_inputs_are_the_routed_tokens(gen):
         torch.testing.assert_close(caught[f"mlp.experts.{e}.up_proj"][0], routed, rtol=0, atol=0)
 
 
-def test_down_proj_inputs_come_from_the_quantized_gate_and_up(gen, monkeypatch):
-    model = build("mixtral")
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])  # act(gate)·up; gpt-oss's clamped GLU with biases
+def test_down_proj_inputs_come_from_the_quantized_gate_and_up(gen, monkeypatch, arch):
+    model = build(arch)
     ids = ids_for(gen)
     seen = {}
     real = pipeline.accumulate
@@ -124,17 +125,18 @@ def test_down_proj_inputs_come_from_the_quantized_gate_and_up(gen, monkeypatch):
     monkeypatch.setattr(pipeline, "accumulate", spy)
     report = quantize(model, ids, **ACT)
     checked = 0
-    for e in range(E):
-        p = f"model.layers.0.mlp.experts.{e}"
-        if f"{p}.gate_proj" not in seen:
-            continue
-        assert f"{p}.up_proj" not in seen  # gate and up share one capture (one factor)
-        X = torch.cat(seen[f"{p}.gate_proj"])
-        Wg, Wu = expert_weight(model, f"{p}.gate_proj"), expert_weight(model, f"{p}.up_proj")
-        want = nn.functional.silu(X @ Wg.T) * (X @ Wu.T)  # with the quantized gate and up
-        torch.testing.assert_close(torch.cat(seen[f"{p}.down_proj"]), want)
-        assert report.results[f"{p}.up_proj"].perm.equal(report.results[f"{p}.gate_proj"].perm)
-        checked += 1
+    with moe.unfused(model):  # the experts as modules over the (now quantized) fused weights
+        for e in range(E):
+            p = f"model.layers.0.mlp.experts.{e}"
+            if f"{p}.gate_proj" not in seen:
+                continue
+            assert f"{p}.up_proj" not in seen  # gate and up share one capture (one factor)
+            X = torch.cat(seen[f"{p}.gate_proj"])
+            expert = model.get_submodule(p)
+            want = expert.combine(expert.gate_proj(X), expert.up_proj(X))  # with the quantized gate and up
+            torch.testing.assert_close(torch.cat(seen[f"{p}.down_proj"]), want)
+            assert report.results[f"{p}.up_proj"].perm.equal(report.results[f"{p}.gate_proj"].perm)
+            checked += 1
     assert checked >= E - 1
     order = list(dict.fromkeys(n for n in seen if n.startswith("model.layers.0.mlp.experts.")))
     first_down = min(i for i, n in enumerate(order) if n.endswith("down_proj"))
@@ -172,15 +174,19 @@ def test_starved_experts_are_rounded_warned_and_reported_without_nan(gen, route)
 
 
 def test_unknown_expert_layout_is_a_clear_error(gen):
-    torch.manual_seed(0)
-    model = UNKNOWN_MOE_ARCHS["gpt_oss"]().eval()
+    model = build("qwen3_moe")
+    mystery = nn.Module()
+    mystery.w = nn.Parameter(torch.randn(4, 8, 8))  # 3-D, in no layout lrgptq knows (and never run)
+    model.model.layers[1].mlp.mystery = mystery
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(ValueError, match=r"mlp\.experts \(GptOssExperts\).*layout lrgptq does not know.*skip="):
+    with pytest.raises(ValueError, match=r"mlp\.mystery \(Module\).*w \(4, 8, 8\).*layout lrgptq does not know"
+                                         r".*skip=\['mystery'\]"):
         quantize(model, ids_for(gen))
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), f"{n} changed by a failed run"
-    report = quantize(model, ids_for(gen), skip=["experts"])  # the way out the message names
-    assert report.results and not any(".experts." in n for n in report.results)
+    report = quantize(model, ids_for(gen), skip=["mystery"])  # the way out the message names
+    assert "model.layers.1.mlp.experts.0.gate_proj" in report.results
+    assert torch.equal(mystery.w, before["model.layers.1.mlp.mystery.w"])
 
 
 def test_sequential_subsets_put_every_gate_up_before_any_down(gen):

@@ -61,7 +61,7 @@ _MOE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention
             max_position_embeddings=128, num_experts_per_tok=2)
 
 # Mixture-of-experts models whose experts transformers 5 stores as fused 3-D parameters (8 experts,
-# top-2, expert width 32); gpt_oss's layout (transposed, interleaved gate/up, biases) is one lrgptq refuses.
+# top-2, expert width 32).
 MOE_ARCHS: Dict[str, Callable[[], torch.nn.Module]] = {
     "qwen3_moe": _build("Qwen3MoeForCausalLM", "Qwen3MoeConfig", **_MOE, head_dim=16, intermediate_size=128,
                         moe_intermediate_size=32, num_experts=8),
@@ -70,8 +70,7 @@ MOE_ARCHS: Dict[str, Callable[[], torch.nn.Module]] = {
     "mixtral": _build("MixtralForCausalLM", "MixtralConfig", **_MOE, intermediate_size=32, num_local_experts=8),
     "olmoe": _build("OlmoeForCausalLM", "OlmoeConfig", **_MOE, intermediate_size=32, num_experts=8,
                     bos_token_id=None, eos_token_id=2, pad_token_id=1),
-}
-UNKNOWN_MOE_ARCHS: Dict[str, Callable[[], torch.nn.Module]] = {
+    # gpt-oss: gate_up_proj (E, H, 2·I) transposed with gate/up columns interleaved, biases, a clamped GLU
     "gpt_oss": _build("GptOssForCausalLM", "GptOssConfig", **_MOE, head_dim=16, intermediate_size=32,
                       num_local_experts=8, layer_types=["full_attention"] * 2),
 }
