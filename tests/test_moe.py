@@ -31,10 +31,11 @@ def ids_for(gen, n=4, length=32):
     return torch.randint(0, VOCAB, (n, length), generator=gen)
 
 
-def quantize(model, ids, skip=(), **cfg):
+def quantize(model, ids, skip=(), comm=None, **cfg):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return lrgptq.quantize_model(model, ids, lrgptq.QuantConfig(**{**CFG, **cfg}), skip=skip, progress=False)
+        return lrgptq.quantize_model(model, ids, lrgptq.QuantConfig(**{**CFG, **cfg}), skip=skip, progress=False,
+                                     comm=comm)
 
 
 def expert_weight(model, name):
@@ -295,3 +296,40 @@ def test_experts_with_the_right_shapes_but_another_forward_are_refused(gen):
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), f"{n} changed by a failed run"
     assert experts.forward is up_first and model.model.layers[1].mlp.experts is experts  # put back
+
+
+def _gloo_worker(rank: int, world: int, port: int, ids: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    from lrgptq.distributed import Distributed
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = starve(build("qwen3_moe"))
+        report = quantize(model, ids, comm=Distributed(), **ACT)
+        if rank == 0:
+            torch.save({n: (r.codes, r.scales, r.zeros, r.report["tokens"]) for n, r in report.results.items()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # spawns two processes
+def test_two_gloo_processes_quantize_the_experts_as_one(tmp_path, gen):
+    # Each rank routes its own batches: the experts' accumulators (3 tokens per batch for expert 5,
+    # none for 6 and 7) are merged before the factor, so every expert's token count and codes are
+    # those of one process that saw every batch.
+    import torch.multiprocessing as mp
+    from test_distributed import _free_port
+
+    ids = ids_for(gen, 5, 24)  # 5 batches: ranks get 2 and 3
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_gloo_worker, args=(2, _free_port(), ids, out), nprocs=2, join=True)
+    got = torch.load(out)
+    ref = quantize(starve(build("qwen3_moe")), ids, **ACT)
+    assert sorted(got) == sorted(ref.results)
+    for name, res in ref.results.items():
+        codes, scales, zeros, tokens = got[name]
+        assert tokens == res.report["tokens"], name
+        assert torch.equal(codes, res.codes) and torch.equal(scales, res.scales) and torch.equal(zeros, res.zeros), name
+    assert ref.results["model.layers.0.mlp.experts.5.gate_proj"].report["tokens"] == 3 * 5
