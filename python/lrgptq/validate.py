@@ -61,40 +61,68 @@ class Search:
     config: QuantConfig
     _train: Dict[str, object] = field(default_factory=dict, repr=False)
     _final: Dict[str, object] = field(default_factory=dict, repr=False)
+    _grams: Dict[str, Accumulator] = field(default_factory=dict, repr=False)
+
+    def _gram(self, which: str) -> Accumulator:
+        """H of the training tokens ('train') or of every token ('all') as a ``gram`` accumulator,
+        made once: from R by H = RᵀR (the op gram_update), and H_all = H_train + H_val, so the
+        candidates' factors do not form H again and the final one needs no QR of the stacked R's."""
+        if which not in self._grams:
+            if which == "train":
+                parts = (self.folds.train,)
+            else:
+                parts = (self.folds.held_out,)
+            acc = Accumulator("gram", self.folds.d, device=self.folds.train.state.device)
+            for part in parts:
+                if self.folds.kind == "gram":
+                    acc._state += part.state
+                else:
+                    ops.gram_update(acc._state, part.state)
+                acc.tokens += part.tokens
+            if which == "all":
+                acc.merge(self._gram("train"))
+            self._grams[which] = acc
+        return self._grams[which]
+
+    def _factorize(self, which: str, cfg: QuantConfig):
+        from .linear import factorize
+
+        f = factorize(self._gram(which), cfg)
+        f.report["accumulator"] = self.folds.kind
+        return f
 
     def _train_factor(self, c: Candidate):
         """The factor of the training tokens that scores candidate ``c``: GPTQ's Cholesky route on
         H_train + λI in the config's order (act-order for the pivoted one, whose pivot loop would cost
         as much as the factor itself); for svdqr with λ > 0 this is the route's own factor (§6.1) up
         to the order. λ = 0 is scored only where H_train is positive definite (no truncation)."""
-        from .linear import factorize
-
         if c == RTN:
-            return factorize(self.folds.train, dataclasses.replace(self.config, route="rtn", damp=DEFAULT_DAMP))
+            return self._factorize("train", dataclasses.replace(self.config, route="rtn", damp=DEFAULT_DAMP))
         order = "act" if self.config.order == "pivot" else self.config.order
         cfg = dataclasses.replace(self.config, route="cholesky", order=order, damp=float(c),
                                   max_retries=0 if c == 0 else self.config.max_retries)
         try:
-            return factorize(self.folds.train, cfg)
+            return self._factorize("train", cfg)
         except RuntimeError:
             if c == 0:
                 return None  # H_train is singular: undamped would need truncation (not a candidate)
             raise
 
     def _final_factor(self, c: Candidate):
-        """The factor of every token with candidate ``c``, by the config's route (λ = 0: the exact
-        inverse by the Cholesky route, as scored)."""
+        """The factor of every token with candidate ``c``, by the config's route from H = H_train +
+        H_val (for svdqr with λ > 0 that is the H + λI the route forms from R when it keeps every
+        value, §3); λ = 0: the exact inverse by the Cholesky route, as scored."""
         from .linear import factorize
 
-        acc = self.folds.merged()
         if c == RTN:
-            return factorize(acc, dataclasses.replace(self.config, route="rtn", damp=DEFAULT_DAMP))
+            return self._factorize("all", dataclasses.replace(self.config, route="rtn", damp=DEFAULT_DAMP))
         if c == 0:
             try:
-                return factorize(acc, dataclasses.replace(self.config, route="cholesky", damp=0.0, max_retries=0))
-            except RuntimeError:
-                pass  # H of every token is numerically singular after all: the route's own undamped factor
-        return factorize(acc, dataclasses.replace(self.config, damp=float(c)))
+                return self._factorize("all", dataclasses.replace(self.config, route="cholesky", damp=0.0,
+                                                                  max_retries=0))
+            except RuntimeError:  # H of every token is numerically singular after all: the route's own
+                return factorize(self.folds.merged(), dataclasses.replace(self.config, damp=0.0))  # undamped factor
+        return self._factorize("all", dataclasses.replace(self.config, damp=float(c)))
 
     def score(self, W: torch.Tensor, c: Candidate, name: str) -> Optional[float]:
         """The held-out loss of candidate ``c`` on the sampled rows ``W`` (None: not scorable)."""
@@ -113,7 +141,7 @@ class Search:
         """The held-out loss of the candidates the search visits on ``weight``'s sampled rows (None:
         not visited, or not scorable). ``rtn`` is always scored (it needs no factor); the damping
         ladder is walked from the default one step at a time, up while the loss falls, else down
-        while it falls, so a loss that is unimodal in log λ is minimised with 2-3 factors, not 5."""
+        while it falls, so a loss that is unimodal in log λ is minimised with 3 or 4 factors, not 5."""
         W = weight.detach()[score_rows(weight.shape[0]).to(weight.device)]
         out: Dict[str, Optional[float]] = {label(c): None for c in CANDIDATES}
         out[RTN] = self.score(W, RTN, name)
