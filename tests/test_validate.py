@@ -269,3 +269,19 @@ def test_streamed_auto_resumes_to_the_files_of_one_run_and_chooses_as_in_memory(
     ref = lrgptq.quantize_model(model, ids, qc, progress=False)
     assert [(r["name"], r["damp_auto"]) for r in resumed.layers] == [(r["name"], r["damp_auto"]) for r in ref.layers]
     assert all(r["heldout_tokens"] == 64 for r in resumed.layers)
+
+
+def test_an_auto_checkpoint_saves_and_loads_without_a_damp_percent(tmp_path, gen):
+    from tiny_models import ARCHS, VOCAB, output_of
+
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = ARCHS["llama"]().eval()
+    ids = torch.randint(0, VOCAB, (4, 64), generator=gen)
+    cfg = lrgptq.QuantConfig.for_method("gptq", damp="auto", group_size=32)
+    report = lrgptq.quantize_model(model, ids, cfg, progress=False)
+    lrgptq.save(model, report, tmp_path / "q", dtype=torch.float32)
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert "damp_percent" not in qc and qc["meta"]["lrgptq"]["damp"] == "auto"  # no single value to give readers
+    with torch.no_grad():
+        torch.testing.assert_close(output_of(lrgptq.load(tmp_path / "q"), ids[:1]), output_of(model, ids[:1]),
+                                   rtol=1e-4, atol=1e-4)
