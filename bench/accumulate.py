@@ -26,15 +26,28 @@ import lrgptq
 from lrgptq import ops
 
 
+def unstructured_qr_stream(batches, d: int) -> torch.Tensor:
+    """The qr accumulator as it was: rows buffered until 2d wait, then torch.linalg.qr of [R; rows]."""
+    R = torch.zeros(d, d, dtype=torch.float64)
+    pending = []
+    for i, X in enumerate(batches):
+        pending.append(X.double())
+        if sum(p.shape[0] for p in pending) >= 2 * d or i == len(batches) - 1:
+            R = torch.linalg.qr(torch.cat([R, *pending]), mode="r").R
+            pending = []
+    return R * torch.where(R.diagonal() < 0, -1.0, 1.0).to(R.dtype)[:, None]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: d = 512, m = 128, 1 run")
     ap.add_argument("--stream", type=int, default=4, help="batches of 2048 tokens per timed stream")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--d", type=int, default=4096, help="inputs per token (the model's: 576, 1536)")
     args = ap.parse_args()
     common.setup(args.threads)
-    d, m, runs = (512, 128, 1) if args.quick else (4096, 1024, args.runs)
+    d, m, runs = (512, 128, 1) if args.quick else (args.d, 1024, args.runs)
     bs, ns = 2048, args.stream
 
     common.header(f"Accumulator throughput (CPU): d = {d}, batches of {bs} float32 tokens, float64 state")
@@ -57,6 +70,10 @@ def main() -> None:
             acc.state  # noqa: B018  (flushes the qr buffer)
 
         t_stream = common.median(clean.times(stream, runs=runs, warmup=1))
+        if kind == "qr":  # the op before 2026-12-02: LAPACK's QR of the stacked [R; X], same buffering
+            t_old = common.median(clean.times(lambda: unstructured_qr_stream(batches, d), runs=runs, warmup=1))
+            rows.append(["qr, unstructured (geqrf of [R; X], before 2026-12-02)", f"{common.fmt_s(t_old)}",
+                         f"{ns * bs / t_old:,.0f}", f"{ns * bs / t_old * 3600 / 1e6:.0f}", "-", "-", clean.note()])
         state = acc.state
         if kind == "gram":
             op = lambda X: ops.gram_update(state, X)  # noqa: E731

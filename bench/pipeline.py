@@ -4,7 +4,8 @@ Prints, for SmolLM2-135M and one method: the wall time of `quantize_model`; the 
 forward pass of the same calibration tokens through the model (the same batches, no hooks); the
 time inside the ops of each stage (accumulate, factor, quantize: the wrappers of lrgptq.ops, so
 what the C++ core spends); the number of block calls per batch and block (capture passes, cut
-short or not, plus the pass that makes the next block's inputs); and the profile's top lines.
+short or not, plus the pass that makes the next block's inputs; a batch is up to 4096 tokens of
+windows in one forward, `calibration_batches`); and the profile's top lines.
 
     python bench/pipeline.py --method gptq --bits 3 --nsamples 16
 """
@@ -87,10 +88,11 @@ def main() -> None:
     core = sum(st.values())
     print()
     print("| quantize_model wall | one forward pass of the calibration tokens | accumulate | factor | quantize | "
-          "rest (forward passes, hooks, Python) | block calls per block and batch | wall / (forward + ops) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "rest (forward passes, hooks, Python) | batches (windows) | block calls per block and batch | "
+          "wall / (forward + ops) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {wall:.1f} s | {forward:.1f} s | {st['accumulate']:.1f} s | {st['factor']:.1f} s | "
-          f"{st['quantize']:.1f} s | {wall - core:.1f} s | {calls[0] / (len(blocks) * len(batches)):.2f} | "
+          f"{st['quantize']:.1f} s | {wall - core:.1f} s | {len(batches)} ({args.nsamples}) | {calls[0] / (len(blocks) * len(batches)):.2f} | "
           f"{wall / (forward + core):.2f} |")
     print(f"\n- load average at end: {load()}")
     buf = io.StringIO()

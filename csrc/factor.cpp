@@ -90,19 +90,22 @@ at::Tensor reverse_cols(const at::Tensor& A) { return A.flip({1}); }
 // an ATen op, so on CUDA it runs on the GPU (cuSOLVER/cuBLAS).
 std::tuple<at::Tensor, int64_t> pivoted_order(at::Tensor G, int64_t kmax, double tol) {
   const c10::Device device = G.device();
-  // Worked on in place: always a private contiguous float64 CPU copy, never the caller's G.
-  G = G.to(at::kCPU, at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  // Only read: each panel's trailing matrix is a new gathered copy, so the caller's G is never written.
+  G = G.to(at::kCPU, at::kDouble).contiguous();
   const int64_t n = G.size(0), nb = 64;
   kmax = std::min(kmax, n);
-  at::Tensor L = at::zeros({n, std::max<int64_t>(kmax, 1)}, G.options());
-  at::Tensor r = G.diagonal().clone();
-  at::Tensor perm = at::arange(n, G.options().dtype(at::kLong));
-  double* g = G.data_ptr<double>();
-  double* l = L.data_ptr<double>();
-  double* rd = r.data_ptr<double>();
-  int64_t* p = perm.data_ptr<int64_t>();
-  const int64_t lk = L.size(1);
-  const double stop = tol * std::max(r.max().item<double>(), 0.0);
+  // Everything below is indexed by position (the order so far: a pivot swaps positions j and q, as a
+  // symmetric swap of G would) except G itself, which is not swapped: row map[i] of the current G
+  // (the trailing matrix of the last panel, in that panel's final order) belongs to position i.
+  const at::Tensor diag = G.diagonal().contiguous();
+  std::vector<double> rd(diag.data_ptr<double>(), diag.data_ptr<double>() + n);
+  std::vector<int64_t> p(n), map(n);
+  for (int64_t i = 0; i < n; ++i) p[i] = map[i] = i;
+  std::vector<double> panel(static_cast<size_t>(nb) * n);  // L's panel columns, row c = column j0 + c
+  double* lp = panel.data();
+  const double* g = G.data_ptr<double>();
+  int64_t ng = n;
+  const double stop = tol * std::max(*std::max_element(rd.begin(), rd.end()), 0.0);
   int64_t taken = 0;
   for (int64_t j0 = 0; j0 < kmax && taken == j0; j0 += nb) {
     const int64_t jend = std::min(j0 + nb, kmax);
@@ -111,33 +114,43 @@ std::tuple<at::Tensor, int64_t> pivoted_order(at::Tensor G, int64_t kmax, double
       for (int64_t i = j + 1; i < n; ++i)
         if (rd[i] > rd[q]) q = i;
       if (!(rd[q] > stop)) break;
-      if (q != j) {  // symmetric swap of j and q in G, L, r, perm
-        for (int64_t c = 0; c < n; ++c) std::swap(g[j * n + c], g[q * n + c]);
-        for (int64_t c = 0; c < n; ++c) std::swap(g[c * n + j], g[c * n + q]);
-        for (int64_t c = 0; c < lk; ++c) std::swap(l[j * lk + c], l[q * lk + c]);
+      if (q != j) {  // swap positions j and q
         std::swap(rd[j], rd[q]);
         std::swap(p[j], p[q]);
+        std::swap(map[j], map[q]);
+        for (int64_t c = 0; c < j - j0; ++c) std::swap(lp[c * n + j], lp[c * n + q]);
       }
       const double ljj = std::sqrt(rd[j]);
-      l[j * lk + j] = ljj;
+      const double* gj = g + map[j] * ng;  // G's column j = its row j (symmetric), contiguous
+      double* lj = lp + (j - j0) * n;
       // L[i, j] = (G[i, j] − Σ_{l in panel, l<j} L[i, l] L[j, l]) / L[j, j]   (G already updated for earlier panels)
-      at::parallel_for(j + 1, n, 256, [&](int64_t i0, int64_t i1) {
+      at::parallel_for(j + 1, n, 512, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) lj[i] = gj[map[i]];
+        for (int64_t c = 0; c < j - j0; ++c) {
+          const double* lc = lp + c * n;
+          const double a = lc[j];
+          for (int64_t i = i0; i < i1; ++i) lj[i] -= lc[i] * a;
+        }
         for (int64_t i = i0; i < i1; ++i) {
-          double s = g[i * n + j];
-          for (int64_t c = j0; c < j; ++c) s -= l[i * lk + c] * l[j * lk + c];
-          const double lij = s / ljj;
-          l[i * lk + j] = lij;
-          rd[i] -= lij * lij;
+          lj[i] /= ljj;
+          rd[i] -= lj[i] * lj[i];
         }
       });
       ++taken;
     }
-    if (taken == jend && jend < n) {  // trailing update G22 −= L21 L21ᵀ
-      at::Tensor L21 = L.narrow(0, jend, n - jend).narrow(1, j0, jend - j0);
-      G.narrow(0, jend, n - jend).narrow(1, jend, n - jend).addmm_(L21, L21.t(), 1.0, -1.0);
+    if (taken == jend && jend < n) {  // trailing matrix G22 − L21 L21ᵀ, gathered into position order
+      const int64_t m = n - jend;
+      const at::Tensor idx = at::from_blob(map.data() + jend, {m}, at::kLong).clone();
+      at::Tensor Gn = G.index_select(0, idx).index_select(1, idx);
+      const at::Tensor L21 = at::from_blob(lp, {jend - j0, n}, at::kDouble).narrow(1, jend, m);
+      Gn.addmm_(L21.t(), L21, 1.0, -1.0);
+      G = Gn;
+      g = G.data_ptr<double>();
+      ng = m;
+      for (int64_t i = jend; i < n; ++i) map[i] = i - jend;
     }
   }
-  return {perm.to(device), taken};
+  return {at::from_blob(p.data(), {n}, at::kLong).clone().to(device), taken};
 }
 
 at::Tensor order_perm(c10::string_view order, const at::Tensor& diagH, const at::Tensor& G_for_pivot,

@@ -11,6 +11,7 @@ from torch import nn
 
 Calib = Union[str, List[str], torch.Tensor, Iterable[Any]]
 TOKEN_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+BATCH_TOKENS = 4096  # tokens per forward pass when calibration_batches groups windows of one length
 FORMS = "a LongTensor of token ids (N, L), a list of strings with tokenizer=, or an iterable of such tensors " \
         "or of dicts with input_ids"
 
@@ -65,6 +66,7 @@ def calibration_batches(
     max_length: int = 2048,
     batch_size: int = 1,
     vocab_size: Optional[int] = None,
+    batch_tokens: Optional[int] = BATCH_TOKENS,
 ) -> List[Any]:
     """Normalises ``calib`` into a list of batches the model can be called with.
 
@@ -73,6 +75,8 @@ def calibration_batches(
     DataLoader) of such tensors or of dicts holding ``input_ids``. Refused with ValueError naming
     ``calib``: None, nothing in it, no tokens (shape (0, L) or (N, 0), empty strings), ids that
     are not integers, and ids outside ``0..vocab_size - 1`` when ``vocab_size`` is given.
+    ``batch_tokens``: consecutive windows of one length are then grouped into batches of at most
+    that many tokens (:func:`group_windows`); None keeps a batch per item (``batch_size`` rows of a tensor).
     """
     if calib is None:
         raise ValueError(f"calib is None: quantization needs calibration data, {FORMS}")
@@ -92,6 +96,33 @@ def calibration_batches(
     if vocab_size is not None:
         for i, b in enumerate(out):
             _check_vocab(b["input_ids"] if isinstance(b, dict) else b, vocab_size, f"calib (batch {i})")
+    return out if batch_tokens is None else group_windows(out, batch_tokens)
+
+
+def group_windows(batches: List[Any], max_tokens: int) -> List[Any]:
+    """Consecutive token tensors of one length concatenated along the batch dimension, at most
+    ``max_tokens`` tokens per batch (fewer, larger forward passes: the same tokens in the same
+    order). The first batch stays as it is: a pass over batch 0 is the pipeline's cheap probe of
+    which layers share an input. Dicts (which may carry the attention mask of padded text) and
+    tensors of another length or dtype end a group and stay as they are."""
+    out: List[Any] = list(batches[:1])
+    group: List[torch.Tensor] = []
+
+    def close() -> None:
+        if group:
+            out.append(torch.cat(group) if len(group) > 1 else group[0])
+            group.clear()
+
+    for b in batches[1:]:
+        if not (isinstance(b, torch.Tensor) and b.dim() == 2):
+            close()
+            out.append(b)
+            continue
+        if group and (b.shape[1] != group[0].shape[1] or b.dtype != group[0].dtype
+                      or sum(g.numel() for g in group) + b.numel() > max_tokens):
+            close()
+        group.append(b)
+    close()
     return out
 
 
