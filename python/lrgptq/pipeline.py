@@ -138,7 +138,7 @@ class BlockStep:
                 with input_hooks(readers, lambda n, X: accumulate(accs[n], X, prefix + n),
                                  stop_when_all_seen=True) as reset:
                     _feed_block(block, inputs, reset)
-            factors = {n: factorize_shared(acc, cfg, comm) for n, acc in accs.items()}
+            factors = factorize_shared(accs, cfg, comm)  # dealt out over the ranks
             for n, m in modules.items():
                 name = f"{self.block_path}.{i}.{n}"
                 t0 = time.perf_counter()
