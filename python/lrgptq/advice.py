@@ -1,6 +1,8 @@
 """Warnings a quantization run owes its user, each said once per run (``warnings.warn``; the CLI
 prints them as lines of its output): options that have no effect with the other settings, a run
-that quantized no layer, and layers that saw fewer calibration tokens than they have inputs."""
+that quantized no layer, layers that no calibration token reached (rounded to nearest: e.g. MoE
+experts the router never chose), and layers that saw fewer calibration tokens than they have
+inputs."""
 
 from __future__ import annotations
 
@@ -49,7 +51,16 @@ def warn_after_run(layers: List[dict], config: Any) -> None:
             "no layer was quantized: skip= covers every linear layer, or the blocks hold none "
             "(check skip= and blocks=)", stacklevel=4)
         return
-    if config.route == "rtn" or config.accumulator == "sketch":
+    if config.route == "rtn":
+        return
+    starved = [r["name"] for r in layers if r.get("tokens", -1) == 0]
+    if starved:
+        shown = ", ".join(starved[:8]) + (f" and {len(starved) - 8} more" if len(starved) > 8 else "")
+        warnings.warn(
+            f"{len(starved)} of {len(layers)} layers received no calibration tokens and were rounded to nearest "
+            f"(RTN, same grid): {shown}; MoE experts the router never chose get this treatment (docs/moe.md): "
+            "give more or more varied calibration text to reach them", stacklevel=4)
+    if config.accumulator == "sketch":
         return
     few = [r for r in layers if 0 < r.get("tokens", 0) < r["d"]]
     if few:

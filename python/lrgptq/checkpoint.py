@@ -46,7 +46,7 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 import torch
 from torch import nn
 
-from . import formats
+from . import formats, moe
 from .formats.base import all_finite, check_finite
 from .writer import INDEX, SINGLE, CheckpointWriter, write_json_atomic, write_shards, writer_mode
 from .writer import fsync as _fsync
@@ -135,6 +135,7 @@ def load(path: PathLike, dtype: Optional[torch.dtype] = None) -> nn.Module:
     if not quantized:
         raise ValueError(f"{root}: no quantized layer in the tensors (no '<layer>.qweight')")
     model = _build(root, config)
+    moe.unfuse_for_load(model, quantized)  # fused MoE experts stored per expert (docs/moe.md)
     linears = {name: _quantizable(model, name, files[f"{name}.qweight"]) for name in sorted(quantized)}
     by_layer: Dict[str, List[str]] = {}
     for k in files:

@@ -65,9 +65,11 @@ def find_blocks(model: nn.Module, path: Optional[str] = None) -> Tuple[str, nn.M
 
 
 def find_linears(block: nn.Module, skip: Tuple[str, ...] = ()) -> Dict[str, nn.Module]:
-    """The block's linear layers by name, less those whose name contains a ``skip`` entry."""
+    """The block's linear layers by name, less those whose name contains a ``skip`` entry and
+    those with a single output: a scalar gate (Qwen2-MoE's ``shared_expert_gate``), which
+    GPTQModel and vLLM read in full precision."""
     return {
         name: m
         for name, m in block.named_modules()
-        if is_linear(m) and not any(s in name for s in skip)
+        if is_linear(m) and weight_matrix(m).shape[0] > 1 and not any(s in name for s in skip)
     }

@@ -2,7 +2,9 @@
 
 For each block: its linears are split into sequential subsets (the layers that read the same
 input, in execution order: q/k/v, then o, then gate/up, then down). With ``true_sequential``
-each subset's inputs are captured after the subsets before it were quantized. The block is then
+each subset's inputs are captured after the subsets before it were quantized. Fused MoE experts
+(transformers 5's 3-D parameters) are per-expert linears for the time their block is quantized
+(lrgptq.moe): every expert's gate/up in one subset, then every expert's down. The block is then
 re-run to produce the next block's inputs from the quantized block. If anything fails, every
 weight already changed is put back and the hooks are gone.
 """
@@ -17,6 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
+from . import moe
 from .accumulate import Accumulator
 from .advice import warn_after_run, warn_unused_options
 from .calib import Calib, calibration_batches, vocab_size
@@ -71,10 +74,14 @@ def _hidden(out: Any) -> torch.Tensor:
 
 
 def sequential_subsets(
-    block: nn.Module, linears: Dict[str, nn.Module], sample: BlockInput
-) -> List[Tuple[List[str], bool]]:
-    """Groups the linears that read the same tensor, in the order they first run: a list of
-    (names, shared), where shared says the names read one tensor (so one factor serves all)."""
+    block: nn.Module, linears: Dict[str, nn.Module], sample: BlockInput,
+    experts: Optional[Dict[str, nn.Module]] = None,
+) -> List[List[List[str]]]:
+    """The block's linears as subsets in the order they first run, each a list of groups: the
+    layers of a group read one tensor (so one factor serves them all). The layers of an MoE
+    ``experts`` list (path -> :class:`lrgptq.moe.ExpertList`) come as two subsets where the list
+    first runs: every expert's gate and up, then every expert's down (``moe.expert_subsets``)."""
+    experts = experts or {}
     first_seen: Dict[str, Tuple[int, tuple]] = {}
     alive: List[torch.Tensor] = []  # held so that no freed input's address is reused by the next
 
@@ -83,16 +90,23 @@ def sequential_subsets(
             alive.append(X)
             first_seen[name] = (X.data_ptr(), tuple(X.shape))
 
-    with input_hooks(linears, sink):
+    dense = {n: m for n, m in linears.items() if moe.owner(n, list(experts)) is None}
+    with input_hooks({**dense, **experts}, sink):
         block(*sample[0], **sample[1])
-    groups: Dict[Tuple[int, tuple], List[str]] = {}
+    subsets: Dict[Any, List[List[str]]] = {}
     for name in first_seen:  # dicts keep insertion (= execution) order
-        groups.setdefault(first_seen[name], []).append(name)
-    subsets = [(names, True) for names in groups.values()]
-    unseen = [n for n in linears if n not in first_seen]  # e.g. MoE experts no token reached
+        if name in experts:
+            subsets.update({(name, k): s for k, s in enumerate(moe.expert_subsets(name, experts[name], linears))})
+        else:
+            subsets.setdefault(first_seen[name], [[]])[0].append(name)
+    out = list(subsets.values())
+    unseen = [n for n in dense if n not in first_seen]  # layers no token of this batch reached
     if unseen:
-        subsets.append((unseen, False))
-    return subsets
+        out.append([[n] for n in unseen])
+    for name in experts:
+        if name not in first_seen:
+            out.extend(moe.expert_subsets(name, experts[name], linears))
+    return out
 
 
 @dataclass
@@ -112,22 +126,27 @@ class BlockStep:
     def quantize_block(self, i: int, block: nn.Module, inputs: List[BlockInput]) -> Dict[str, LayerResult]:
         """Quantizes block ``i``'s linears in place (subset by subset), fills the report's rows and
         returns the engine's result per layer name."""
+        with moe.unfused(block, self.skip) as experts:  # fused MoE experts as per-expert linears
+            return self._quantize_linears(i, block, inputs, find_linears(block, self.skip), experts)
+
+    def _quantize_linears(self, i: int, block: nn.Module, inputs: List[BlockInput], linears: Dict[str, nn.Module],
+                          experts: Dict[str, nn.Module]) -> Dict[str, LayerResult]:
         cfg, comm = self.config, self.comm
         rtn = cfg.route == "rtn"
-        linears = find_linears(block, self.skip)
         if rtn:  # no inputs needed: one subset, no capture, no forward passes
-            subsets = [(list(linears), False)]
+            subsets = [[[n] for n in linears]]
         elif self.true_sequential:
             # Which layers share an input is read from one batch; every rank must use rank 0's
             # answer (an MoE expert that rank 0's batch misses may be reached on another rank).
-            subsets = comm.broadcast(sequential_subsets(block, linears, inputs[0]))
+            subsets = comm.broadcast(sequential_subsets(block, linears, inputs[0], experts))
         else:
-            subsets = [(list(linears), False)]
+            subsets = [[[n] for n in linears]]
         results: Dict[str, LayerResult] = {}
-        for subset, shared in subsets:
-            modules = {n: linears[n] for n in subset}
+        for groups in subsets:
+            modules = {n: linears[n] for g in groups for n in g}
+            source = {n: g[0] for g in groups for n in g}
             # Layers that read one tensor share one accumulator and one factor.
-            readers = {subset[0]: modules[subset[0]]} if shared else modules
+            readers = {g[0]: modules[g[0]] for g in groups}
             accs = {
                 n: make_accumulator(cfg, in_features(m), m.weight.device,
                                     token_offset=comm.token_offset)
@@ -142,7 +161,7 @@ class BlockStep:
             for n, m in modules.items():
                 name = f"{self.block_path}.{i}.{n}"
                 t0 = time.perf_counter()
-                res = quantize_shared(weight_matrix(m), factors[subset[0] if shared else n], cfg, comm, name)
+                res = quantize_shared(weight_matrix(m), factors[source[n]], cfg, comm, name)
                 if self.backups is not None:
                     self.backups.append((m, m.weight.detach().clone()))
                 set_weight_matrix(m, res.weight)

@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, moe
 from .advice import warn_after_run, warn_unused_options
 from .calib import Calib, calibration_batches, vocab_size
 from .capture import BlockInput, first_block_inputs
@@ -151,9 +151,11 @@ def _run_key(model_dir: Path, files: Dict[str, Path], model: nn.Module, batches:
 
 
 def _stored_weights(block: nn.Module, prefix: str, modules: Dict[str, nn.Module]) -> None:
-    """Sets each quantized linear of ``block`` to the weights its packed module holds."""
-    for name, packed in modules.items():
-        set_weight_matrix(block.get_submodule(name[len(prefix):]), packed.dequantize())
+    """Sets each quantized linear of ``block`` to the weights its packed module holds (MoE
+    experts through views of their fused parameters)."""
+    with moe.unfused(block):
+        for name, packed in modules.items():
+            set_weight_matrix(block.get_submodule(name[len(prefix):]), packed.dequantize())
 
 
 def _spill(path: Path, block: int, inputs: List[BlockInput]) -> List[BlockInput]:
@@ -270,10 +272,11 @@ class _Run:
         tensors = load_file(str(path))
         settings = layout.parse_config(self.writer.quantization_config(entry["layers"], entry), str(path))
         modules = {}
-        for name in layout.quantized_names(tensors):
-            own = {k[len(name) + 1:]: t for k, t in tensors.items() if k.startswith(name + ".")}
-            modules[name] = layout.load_module(settings, name, block.get_submodule(name[len(prefix):]), own,
-                                               str(path))
+        with moe.unfused(block):
+            for name in layout.quantized_names(tensors):
+                own = {k[len(name) + 1:]: t for k, t in tensors.items() if k.startswith(name + ".")}
+                modules[name] = layout.load_module(settings, name, block.get_submodule(name[len(prefix):]), own,
+                                                   str(path))
         _stored_weights(block, prefix, modules)
 
     def finish(self, tokenizer: Any) -> None:

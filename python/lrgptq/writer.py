@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from . import formats
+from . import formats, moe
 from .pipeline import ModelReport
 
 SINGLE = "model.safetensors"
@@ -66,8 +66,10 @@ class CheckpointWriter:
         """Packs ``results`` (layer name -> LayerResult, with their report ``layers``) and the
         model's other tensors whose state-dict key ``include`` accepts (default: all)."""
         report = ModelReport(self.config, list(layers), dict(results), true_sequential=self.true_sequential)
-        prepared = self.layout.prepare(self.model, report, self.requested, self.dtype)
-        tensors = tensors_to_save(self.model, prepared.modules, self.dtype, include)
+        # Fused MoE experts with quantized members are written per expert (docs/moe.md).
+        with moe.unfused(self.model, only=moe.holders(results).__contains__):
+            prepared = self.layout.prepare(self.model, report, self.requested, self.dtype)
+            tensors = tensors_to_save(self.model, prepared.modules, self.dtype, include)
         return Part(tensors, prepared.modules, dict(prepared.info), list(layers))
 
     def merge(self, infos: List[Dict[str, Any]]) -> Dict[str, Any]:
