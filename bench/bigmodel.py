@@ -12,7 +12,7 @@ and failcnt. The cgroup OOM killer ends a child that needs more than the cap: ex
     python bench/bigmodel.py make /tmp/big --layers 80 --hidden 1024 --ff 2816 --dtype float32
     python bench/bigmodel.py run /tmp/big --cap 1.25G --modes stream memory --nsamples 4 --seqlen 128
     # an MoE (Qwen3-MoE shapes, 128 experts of width 1024, top-8), saved per expert as transformers 5
-    # saves it; "mapped" streams with expert_budget=0 (each block's experts mapped from a scratch file)
+    # saves it; "mapped" streams with expert_budget (experts mapped from a scratch file, captured in runs)
     python bench/bigmodel.py make /tmp/moe --arch qwen3_moe --layers 2 --hidden 1024 --ff 1024 --experts 128
     python bench/bigmodel.py run /tmp/moe --cap 1.5G --modes mapped stream memory
 
@@ -54,7 +54,7 @@ base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print("BASE " + json.dumps({"base": base}), flush=True)
 t0 = time.perf_counter()
 if a["mode"] in ("stream", "mapped"):
-    budget = 0 if a["mode"] == "mapped" else None
+    budget = a["expert_budget"] if a["mode"] == "mapped" else None
     streaming.quantize_streamed(a["model"], calib, a["out"], cfg, progress=False, expert_budget=budget)
 else:
     model = transformers.AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
@@ -255,11 +255,13 @@ def cmd_run(args: argparse.Namespace) -> None:
         out = tempfile.mkdtemp(prefix=f"lrgptq-big-{mode}-", dir=args.tmp)
         shutil.rmtree(out)
         r = run_capped({"model": str(src), "mode": mode, "out": out, "threads": args.threads,
-                        "method": args.method, "nsamples": args.nsamples, "seqlen": args.seqlen}, cap, args.threads)
+                        "method": args.method, "nsamples": args.nsamples, "seqlen": args.seqlen,
+                        "expert_budget": parse_bytes(args.expert_budget)}, cap, args.threads)
         shutil.rmtree(out, ignore_errors=True)
         peak, base = r.get("peak"), r.get("base")
         ratio = f"{(peak - base) / working:.2f}" if peak and base else "-"
-        name = {"stream": "streamed (quantize_streamed)", "mapped": "streamed, experts mapped (expert_budget=0)",
+        name = {"stream": "streamed (quantize_streamed)",
+                "mapped": f"streamed, expert_budget={args.expert_budget} (experts mapped, runs of experts)",
                 "memory": "in memory (from_pretrained + quantize_model)"}[mode]
         if mode == "memory" and not r["loaded"]:
             name += ", killed while loading"
@@ -290,9 +292,10 @@ def main() -> None:
     r.add_argument("model")
     r.add_argument("--cap", default="1.5G", help="the cgroup's memory.limit_in_bytes (e.g. 1.5G)")
     r.add_argument("--modes", nargs="+", default=["stream", "memory"], choices=["stream", "mapped", "memory"],
-                   help="stream: quantize_streamed; mapped: the same with expert_budget=0; memory: "
+                   help="stream: quantize_streamed; mapped: the same with --expert-budget; memory: "
                         "from_pretrained + quantize_model + save")
     r.add_argument("--method", default="gptq")
+    r.add_argument("--expert-budget", default="128M", help="mapped: quantize_streamed's expert_budget")
     r.add_argument("--nsamples", type=int, default=4)
     r.add_argument("--seqlen", type=int, default=128)
     r.add_argument("--threads", type=int, default=2)

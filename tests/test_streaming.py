@@ -299,3 +299,17 @@ def test_mapped_experts_stream_byte_identical_and_a_killed_run_resumes(tmp_path,
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     with pytest.raises(ValueError, match="expert_budget=-1"):
         streaming.quantize_streamed(src, ids, tmp_path / "bad", qc, expert_budget=-1, progress=False)
+
+
+def test_budget_runs_split_a_subset_into_runs_that_fit():
+    from lrgptq.pipeline import budget_runs
+
+    linears = {n: torch.nn.Linear(d, 8) for n, d in (("a", 64), ("b", 64), ("c", 32), ("d", 64))}
+    groups = [["a"], ["b"], ["c"], ["d"]]
+    need = 2 * 8 * 64 * 64  # twice a gram accumulator at d = 64, float64
+    cfg = lrgptq.QuantConfig(accumulator="gram")
+    assert budget_runs(groups, linears, cfg, None) == [groups]
+    assert budget_runs(groups, linears, cfg, 2 * need) == [[["a"], ["b"]], [["c"], ["d"]]]
+    assert budget_runs(groups, linears, cfg, 0) == [[g] for g in groups]  # at least one group per run
+    sketch = lrgptq.QuantConfig(accumulator="sketch", sketch_size=16)  # 16 x d states: all four fit
+    assert budget_runs(groups, linears, sketch, 2 * 8 * 16 * 224) == [groups]

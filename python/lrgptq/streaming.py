@@ -36,6 +36,7 @@ import ctypes
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import time
@@ -95,13 +96,13 @@ def empty_model(model_dir: Path) -> nn.Module:
 
 
 def _load_params(module: nn.Module, prefix: str, files: Dict[str, Path], where: Path,
-                 scratch: Optional[Callable[[str], Path]] = None) -> None:
+                 scratch: Optional["ExpertFiles"] = None) -> None:
     """Reads every parameter of ``module`` (state-dict names under ``prefix``) from the files,
     upcast to float32; a parameter the files lack must be tied to one they hold. The files are
     mapped only meanwhile: pages of a mapping left open would count as the process' memory.
     Fused MoE experts (3-D) are read expert by expert (:func:`expert_reader`: fused or per-expert
-    tensors in the files); with ``scratch`` (key -> a file path) they are mapped from that file
-    instead of held in memory (:func:`load_experts`)."""
+    tensors in the files); with ``scratch`` they are mapped from scratch files instead of held
+    in memory (:func:`load_experts`)."""
     missing = []
     with checkpoint.TensorReader(files) as read:
         for name, param in module.named_parameters(remove_duplicate=False):
@@ -111,7 +112,7 @@ def _load_params(module: nn.Module, prefix: str, files: Dict[str, Path], where: 
             expert = (expert_reader(read, key, tuple(param.shape), files)
                       if param.dim() == 3 and param.is_floating_point() else None)
             if expert is not None:  # fused MoE experts, read expert by expert
-                t = load_experts(expert, key, tuple(param.shape), where, scratch(key) if scratch else None)
+                t = load_experts(expert, key, tuple(param.shape), where, scratch)
                 owner._parameters[leaf] = nn.Parameter(t, requires_grad=False)
             elif key in files:
                 t = read(key)
@@ -150,20 +151,47 @@ def expert_reader(read: checkpoint.TensorReader, key: str, shape: tuple,
     return lambda e: torch.cat([read(n) for n in names[e]])
 
 
+class ExpertFiles:
+    """Scratch files for one block's fused experts, each mapped shared, so that their pages are the
+    files' and not anonymous memory: the kernel reads an expert's pages in when it is used and may
+    drop them under memory pressure once they are written back. :meth:`flush` writes them back:
+    under a cgroup v1 memory cap the kernel does not start that by itself for the cgroup, and kills
+    the process when its dirty pages fill the cap."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.maps: List[mmap.mmap] = []
+
+    def empty(self, key: str, shape: tuple) -> torch.Tensor:
+        """A float32 tensor of ``shape`` in a new scratch file for parameter ``key``."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        size = 4 * math.prod(shape)
+        with open(self.folder / f"{key}.f32", "w+b") as f:
+            f.truncate(size)
+            mm = mmap.mmap(f.fileno(), size)  # MAP_SHARED: writes go to the file
+        self.maps.append(mm)
+        return torch.frombuffer(mm, dtype=torch.float32).view(shape)
+
+    def flush(self) -> None:
+        """Writes every dirty page back to the files (they stay mapped, now droppable)."""
+        for mm in self.maps:
+            mm.flush()
+
+    def close(self) -> None:
+        """Unmaps (once no tensor holds a mapping) and deletes the files."""
+        for mm in self.maps:
+            with contextlib.suppress(BufferError):  # a tensor still views it: unmapped when freed
+                mm.close()
+        self.maps = []
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def load_experts(expert: Callable[[int], torch.Tensor], key: str, shape: tuple, where: Path,
-                 path: Optional[Path] = None) -> torch.Tensor:
+                 files: Optional[ExpertFiles] = None) -> torch.Tensor:
     """The fused parameter ``key`` in float32, filled one expert (index of the first dimension) at
-    a time from ``expert(e)``; in memory, or with ``path`` in that file, mapped shared: its pages
-    are the file's, so the kernel reads an expert's in when it is used and may write them back and
-    drop them under memory pressure (they are not anonymous memory)."""
-    n = math.prod(shape)
-    if path is None:
-        t = torch.empty(shape, dtype=torch.float32)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            f.truncate(4 * n)
-        t = torch.from_file(str(path), shared=True, size=n, dtype=torch.float32).view(shape)
+    a time from ``expert(e)``: in memory, or with ``files`` in a mapped scratch file, written back
+    expert by expert (:class:`ExpertFiles`)."""
+    t = torch.empty(shape, dtype=torch.float32) if files is None else files.empty(key, shape)
     for e in range(shape[0]):
         try:
             x = expert(e)
@@ -172,6 +200,8 @@ def load_experts(expert: Callable[[int], torch.Tensor], key: str, shape: tuple, 
         if tuple(x.shape) != shape[1:]:
             raise ValueError(f"{where}: expert {e} of {key} is {tuple(x.shape)}, the model needs {shape[1:]}")
         t[e].copy_(x)
+        if files is not None:
+            files.flush()
     return t
 
 
@@ -219,12 +249,14 @@ def _run_key(model_dir: Path, files: Dict[str, Path], model: nn.Module, batches:
     return h.hexdigest()
 
 
-def _stored_weights(block: nn.Module, prefix: str, modules: Dict[str, nn.Module]) -> None:
+def _stored_weights(block: nn.Module, prefix: str, modules: Dict[str, nn.Module],
+                    after: Callable[[], None] = lambda: None) -> None:
     """Sets each quantized linear of ``block`` to the weights its packed module holds (MoE
-    experts through views of their fused parameters)."""
+    experts through views of their fused parameters); ``after()`` follows each."""
     with moe.unfused(block):
         for name, packed in modules.items():
             set_weight_matrix(block.get_submodule(name[len(prefix):]), packed.dequantize())
+            after()
 
 
 def _spill(path: Path, block: int, inputs: List[BlockInput]) -> List[BlockInput]:
@@ -257,7 +289,7 @@ class _Run:
         self.manifest: Dict[str, Any] = {}
         self.spill_path = out / f"activations-rank{comm.rank}.pt"
         self.expert_budget = expert_budget
-        self.scratch = out / f"experts-rank{comm.rank}"  # the mapped experts of the block at hand
+        self.scratch = ExpertFiles(out / f"experts-rank{comm.rank}")  # the mapped experts of the block at hand
 
     @property
     def done(self) -> Dict[str, Any]:
@@ -288,15 +320,13 @@ class _Run:
         experts mapped from a scratch file when they hold more than the budget."""
         block = self.blocks[i]
         mapped = self.expert_budget is not None and fused_expert_bytes(block) > self.expert_budget
-        scratch = (lambda key: self.scratch / f"{key}.f32") if mapped else None
-        _load_params(block, self.prefix(i), self.files, self.src, scratch)
+        _load_params(block, self.prefix(i), self.files, self.src, self.scratch if mapped else None)
         return block
 
     def drop_block(self, block: nn.Module) -> None:
         """Gives a block's memory back, and its mapped experts' scratch files."""
         _drop_params(block)
-        if self.scratch.is_dir():
-            shutil.rmtree(self.scratch)
+        self.scratch.close()
 
     def first_inputs(self, batches: List[Any]) -> List[BlockInput]:
         """The first block's inputs, with the parameters outside the blocks loaded only meanwhile."""
@@ -336,7 +366,7 @@ class _Run:
         part = self.writer.pack(results, rows, include=lambda k: k.startswith(prefix))
         if self.comm.is_writer:
             save_file_atomic(part.tensors, self.out / block_file(i))
-        _stored_weights(block, prefix, part.modules)
+        _stored_weights(block, prefix, part.modules, self.scratch.flush)
         self.comm.barrier()
         if self.comm.is_writer:  # the block's file is in place: record it
             self.done[str(i)] = {"file": block_file(i), **part.info, "layers": rows, "keys": sorted(part.tensors),
@@ -357,7 +387,7 @@ class _Run:
                 own = {k[len(name) + 1:]: t for k, t in tensors.items() if k.startswith(name + ".")}
                 modules[name] = layout.load_module(settings, name, block.get_submodule(name[len(prefix):]), own,
                                                    str(path))
-        _stored_weights(block, prefix, modules)
+        _stored_weights(block, prefix, modules, self.scratch.flush)
 
     def finish(self, tokenizer: Any) -> None:
         """Writes the tensors outside the blocks, the index and the configs (config.json last)."""
@@ -411,9 +441,11 @@ def quantize_streamed(
     ``comm``: as in :func:`lrgptq.quantize_model`. ``checkpoint_format`` and ``dtype``: as in
     :func:`lrgptq.save`. ``spill``: keep the activations between blocks in a file in ``out_dir``
     instead of in memory. ``expert_budget``: bytes; a block whose fused MoE experts take more
-    in float32 maps them from a scratch file in ``out_dir`` and is worked on expert by expert
-    (None: every block in memory; 0: every block with fused experts mapped). The checkpoint is
-    the same byte for byte either way, so a resumed run may use another budget. ``on_block(i)``
+    in float32 maps them from a scratch file in ``out_dir`` and is worked on expert by expert,
+    and a subset whose accumulators and factors would take more (an MoE's experts) is captured,
+    factored and quantized in runs of layers that fit, one forward pass per run (None: no bound;
+    0: every block with fused experts mapped, one expert per run). The checkpoint is the same
+    byte for byte either way, so a resumed run may use another budget. ``on_block(i)``
     is called once block ``i`` is safely on disk. The
     report has a row per layer (also those of blocks a previous run finished) and no ``results``
     (the codes are on disk, not in memory).
@@ -438,7 +470,8 @@ def quantize_streamed(
     run.open_manifest(key)
     report = ModelReport(cfg, true_sequential=true_sequential)
     bar = progress_bar(len(block_list), progress and comm.is_writer)
-    step = BlockStep(cfg, block_path, report, tuple(skip), true_sequential, comm, None, bar)
+    step = BlockStep(cfg, block_path, report, tuple(skip), true_sequential, comm, None, bar,
+                     on_layer=run.scratch.flush, accumulator_budget=expert_budget)
     rtn = cfg.route == "rtn"
     first = 0
     while str(first) in run.done:
@@ -470,7 +503,7 @@ def quantize_streamed(
     finally:
         if bar is not None:
             bar.close()
-        shutil.rmtree(run.scratch, ignore_errors=True)  # GBs of mapped experts: never left behind
+        run.scratch.close()  # GBs of mapped experts: never left behind
     run.spill_path.unlink(missing_ok=True)
     report.seconds = time.perf_counter() - start
     warn_after_run(report.layers, cfg)
