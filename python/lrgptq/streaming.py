@@ -497,6 +497,7 @@ def quantize_streamed(
                 block = run.load_block(i)
                 results = step.quantize_block(i, block, inputs)
                 run.write_block(i, block, results, [r for r in report.layers if r["block"] == i])
+                del results  # the block's codes are on disk: not held through the next block
                 if not rtn:
                     inputs = next_inputs(block, inputs)
                     if spill:
