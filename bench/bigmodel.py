@@ -22,6 +22,7 @@ A bench, never a test: minutes, GBs of disk, and root for the cgroup.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
@@ -193,6 +195,22 @@ def _own_cgroup() -> Path:
     raise SystemExit("no cgroup v1 memory controller here (/proc/self/cgroup has no memory line)")
 
 
+class _AnonPeak(threading.Thread):
+    """Samples the cgroup's anonymous memory (memory.stat ``rss``) every 0.2 s and keeps the
+    largest: unlike ``ru_maxrss`` it leaves out file pages (the mapped experts, the source files)."""
+
+    def __init__(self, stat: Path) -> None:
+        super().__init__(daemon=True)
+        self.stat, self.peak, self.stop = stat, 0, False
+
+    def run(self) -> None:
+        while not self.stop:
+            with contextlib.suppress(OSError, ValueError, StopIteration):
+                rss = next(int(ln.split()[1]) for ln in self.stat.read_text().splitlines() if ln.startswith("rss "))
+                self.peak = max(self.peak, rss)
+            time.sleep(0.2)
+
+
 def run_capped(job: dict, cap: int, threads: int) -> dict:
     """Runs JOB in a child placed in a fresh memory cgroup limited to ``cap`` bytes (the child
     adds itself before exec'ing Python, so every allocation counts)."""
@@ -205,21 +223,26 @@ def run_capped(job: dict, cap: int, threads: int) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
         shell = f'echo $$ > {group}/cgroup.procs && exec "$0" "$@"'
         t0 = time.perf_counter()
-        proc = subprocess.run(["sh", "-c", shell, sys.executable, str(script), json.dumps(job)],
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.Popen(["sh", "-c", shell, sys.executable, str(script), json.dumps(job)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        anon = _AnonPeak(group / "memory.stat")
+        anon.start()
+        stdout, stderr = proc.communicate()
+        anon.stop = True
+        anon.join()
         wall = time.perf_counter() - t0
         script.unlink()
         stat = {ln.split()[0]: int(ln.split()[1]) for ln in (group / "memory.oom_control").read_text().splitlines()}
-        row = {"rc": proc.returncode, "wall": wall,
+        row = {"rc": proc.returncode, "wall": wall, "anon_peak": anon.peak,
                "max_usage": int((group / "memory.max_usage_in_bytes").read_text()),
                "failcnt": int((group / "memory.failcnt").read_text()), "oom_kill": stat.get("oom_kill", -1),
-               "loaded": "LOADED" in proc.stdout}
+               "loaded": "LOADED" in stdout}
         for tag in ("BASE ", "RESULT "):
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(tag)]
+            lines = [ln for ln in stdout.splitlines() if ln.startswith(tag)]
             if lines:
                 row.update(json.loads(lines[-1][len(tag):]))
         if proc.returncode != 0:
-            row["stderr"] = proc.stderr[-1500:]
+            row["stderr"] = stderr[-1500:]
         return row
     finally:
         for _ in range(50):  # the cgroup empties once the child is reaped
@@ -248,9 +271,10 @@ def cmd_run(args: argparse.Namespace) -> None:
           f"method {args.method}, 4-bit g128, {args.nsamples} x {args.seqlen} random calibration tokens, "
           f"{args.threads} thread(s)")
     print(os.popen("uptime").read().strip())
-    print("| pipeline | exit status | wall (s) | peak RSS ru_maxrss (MiB) | baseline after imports (MiB) | "
-          "cgroup max_usage incl. page cache (MiB) | failcnt | OOM kills | (peak − baseline) / working set |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| pipeline | exit status | wall (s) | peak RSS ru_maxrss (MiB) | peak anonymous memory, sampled (MiB) | "
+          "baseline after imports (MiB) | cgroup max_usage incl. page cache (MiB) | failcnt | OOM kills | "
+          "(peak − baseline) / working set |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for mode in args.modes:
         out = tempfile.mkdtemp(prefix=f"lrgptq-big-{mode}-", dir=args.tmp)
         shutil.rmtree(out)
@@ -266,6 +290,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         if mode == "memory" and not r["loaded"]:
             name += ", killed while loading"
         print(f"| {name} | {r['rc']} | {r['wall']:.1f} | {peak / MIB if peak else float('nan'):.0f} | "
+              f"{r['anon_peak'] / MIB:.0f} | "
               f"{base / MIB if base else float('nan'):.0f} | {r['max_usage'] / MIB:.0f} | {r['failcnt']} | "
               f"{r['oom_kill']} | {ratio} |", flush=True)
         if "stderr" in r and args.verbose:

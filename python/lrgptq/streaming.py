@@ -155,8 +155,8 @@ class ExpertFiles:
     """Scratch files for one block's fused experts, each mapped shared, so that their pages are the
     files' and not anonymous memory: the kernel reads an expert's pages in when it is used and may
     drop them under memory pressure once they are written back. :meth:`flush` writes them back:
-    under a cgroup v1 memory cap the kernel does not start that by itself for the cgroup, and kills
-    the process when its dirty pages fill the cap."""
+    cgroup v1 has no per-cgroup writeback, so under its memory cap dirty pages may wait for the
+    system-wide flusher while the cap is reached."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
