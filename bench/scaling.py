@@ -13,6 +13,7 @@ engine's float32 lazy updates, fp64 40 TFLOP/s for H and the factor). Treat them
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
@@ -80,7 +81,9 @@ def per_block(m: Model, tokens: int, route: str, r: Rates, gpus: int) -> Dict[st
     act_bytes = 2 * 4 * n * m.hidden  # inputs and outputs of the block, float32
     t_acc = sum(2 * n_of[s] * d * d * c / r.gram for s, d, _, c in m.subsets)
     c_f = r.chol_c if route == "cholesky" else r.svdqr_c
-    t_factor = sum(c_f * d**3 * c for _, d, _, c in m.subsets)  # rank 0 only
+    # The factors of one subset are dealt out over the ranks (linear.factor_owners): equal-d layers
+    # (the experts of a block) take ceil(c / gpus) factor times; a subset of one layer takes one.
+    t_factor = sum(c_f * d**3 * math.ceil(c / gpus) for _, d, _, c in m.subsets)
     t_engine = sum(2 * (sum(outs) / gpus) * d * d * c / r.engine for _, d, outs, c in m.subsets)
     # One (partial) pass per subset to capture its inputs (each expert is a subset), one for the
     # next block's inputs.
@@ -99,7 +102,7 @@ def main() -> None:
         for route in ("cholesky", "svdqr") if m.layers == 80 else ("cholesky",):
             print(f"### {m.name}, route {route} ({m.layers} such blocks)\n")
             print("| machine | ranks | block fp32 (GB) | largest H (GB) | factor workspace (GB) | activations/rank (GB)"
-                  " | accumulate (s) | factor, rank 0 (s) | engine (s) | forward passes (s) | block total (s) |"
+                  " | accumulate (s) | factor, spread over ranks (s) | engine (s) | forward passes (s) | block total (s) |"
                   " model (h) |")
             print("|---|---|---|---|---|---|---|---|---|---|---|---|")
             for mach, r, counts in (("2-vCPU box (measured rates)", CPU, (1,)), ("H100 (assumed rates)", H100,

@@ -8,6 +8,7 @@ batches; "growth" = peak − baseline.
     python bench/streaming.py make-llama /tmp/llama-shapes --layers 10   # random weights, bf16
     python bench/streaming.py rss --model /tmp/llama-shapes --modes stream --nsamples 8 --seqlen 256
     python bench/streaming.py procs --model smollm2 --modes stream       # 1 process vs 2 (torchrun)
+    python bench/streaming.py procs --modes stream --worlds 1x1 2x1 --flat --repeat 2   # + true_sequential=False
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ cfg = lrgptq.QuantConfig.for_method(a["method"], bits=4, group_size=128)
 base = hwm()
 t0 = time.perf_counter()
 if a["mode"] == "stream":
-    streaming.quantize_streamed(src, calib, a["out"], cfg, progress=False, comm=comm, spill=a["spill"])
+    streaming.quantize_streamed(src, calib, a["out"], cfg, progress=False, comm=comm, spill=a["spill"],
+                                true_sequential=a["seq"])
 else:
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    report = lrgptq.quantize_model(model, calib, cfg, progress=False, comm=comm)
+    report = lrgptq.quantize_model(model, calib, cfg, progress=False, comm=comm, true_sequential=a["seq"])
     if comm.is_writer:
         lrgptq.save(model, report, a["out"])
 seconds = time.perf_counter() - t0
@@ -87,11 +89,11 @@ def resolve(model: str) -> str:
     return os.path.join(cache_dir(), "smollm2-135m")
 
 
-def run(args: argparse.Namespace, mode: str, world: int, threads: int) -> dict:
+def run(args: argparse.Namespace, mode: str, world: int, threads: int, seq: bool = True) -> dict:
     out = tempfile.mkdtemp(prefix="lrgptq-bench-", dir=args.tmp)
     shutil.rmtree(out)
     job = {"model": args.model, "mode": mode, "world": world, "threads": threads, "method": args.method,
-           "nsamples": args.nsamples, "seqlen": args.seqlen, "out": out, "spill": args.spill}
+           "nsamples": args.nsamples, "seqlen": args.seqlen, "out": out, "spill": args.spill, "seq": seq}
     script = Path(out + ".py")
     script.write_text(JOB)
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(threads)}
@@ -124,16 +126,23 @@ def cmd_rss(args: argparse.Namespace) -> None:
 
 
 def cmd_procs(args: argparse.Namespace) -> None:
+    """Each configuration in turn, ``--repeat`` times; the speed-up is against the first
+    configuration of the same repeat, pipeline and true_sequential (``uptime`` before each row)."""
+    worlds = [tuple(int(x) for x in w.split("x")) for w in args.worlds]
     print(f"model {args.model}, method {args.method}, {args.nsamples} x {args.seqlen} calibration tokens")
-    print("| pipeline | processes x threads | seconds | speed-up vs 1 x 2 |")
-    print("|---|---|---|---|")
-    rows = []
-    for mode in args.modes:
-        for world, threads in ((1, 2), (1, 1), (2, 1)):
-            r = run(args, mode, world, threads)
-            rows.append((mode, world, threads, r["seconds"]))
-            ref = next(s for m, w, t, s in rows if m == mode and (w, t) == (1, 2))
-            print(f"| {mode} | {world} x {threads} | {r['seconds']:.1f} | {ref / r['seconds']:.2f} |", flush=True)
+    print(f"| repeat | pipeline | true_sequential | processes x threads | seconds | speed-up vs {args.worlds[0]} | "
+          "load average before (1, 5, 15 min) |")
+    print("|---|---|---|---|---|---|---|")
+    for rep in range(1, args.repeat + 1):
+        for mode in args.modes:
+            for seq in (True, False) if args.flat else (True,):
+                ref = None
+                for world, threads in worlds:
+                    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+                    r = run(args, mode, world, threads, seq)
+                    ref = ref if ref is not None else r["seconds"]
+                    print(f"| {rep} | {mode} | {seq} | {world} x {threads} | {r['seconds']:.1f} | "
+                          f"{ref / r['seconds']:.2f} | {load} |", flush=True)
 
 
 def cmd_make_llama(args: argparse.Namespace) -> None:
@@ -165,6 +174,11 @@ def main() -> None:
         q.add_argument("--threads", type=int, default=2)
         q.add_argument("--spill", action="store_true")
         q.add_argument("--port", type=int, default=29581)
+        q.add_argument("--worlds", nargs="+", default=["1x2", "1x1", "2x1"],
+                       help="procs: processes x threads of each configuration, the first the reference")
+        q.add_argument("--flat", action="store_true",
+                       help="procs: also with true_sequential=False (a block's 7 factors in one subset)")
+        q.add_argument("--repeat", type=int, default=1, help="procs: run every configuration this many times")
         q.add_argument("--tmp", default=tempfile.gettempdir())
         q.set_defaults(func=fn)
     m = sub.add_parser("make-llama")

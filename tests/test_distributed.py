@@ -1,6 +1,7 @@
 """Two processes (torch.distributed, gloo on CPU) quantize a tiny model and must agree with one
 process: accumulators merge exactly up to the order of floating-point sums, and the codes,
-scales and zeros (GPTVQ: codes and codebooks) come out identical."""
+scales and zeros (GPTVQ: codes and codebooks) come out identical. The factors of a subset's
+layers are dealt out over the ranks: each is computed once, on one rank, and both ranks do some."""
 
 import socket
 
@@ -21,6 +22,14 @@ CONFIGS = {
     # GPTVQ: a codebook per 8 rows, so the row split falls on a multiple of 8 (k_proj: 32 rows).
     "vq": dict(vq_dim=2, bits=2, vq_group_cols=16, vq_group_rows=8),
 }
+# Without true_sequential every linear of a block is one subset of 7 factors, dealt out over the
+# ranks; with it, each subset has one factor (fewer layers than ranks: rank 1 factors nothing).
+FLAT = ("gram", "vq")
+RUNS = [(kind, True) for kind in CONFIGS] + [(kind, False) for kind in FLAT]
+# Three layers of one subset (d = 40, 24, 40: owners 0, 0, 1), and a subset of one (owner 0).
+SPREAD_D = {"a": 40, "b": 24, "c": 40}
+SPREAD = {"gram": CONFIGS["gram"], "qr": CONFIGS["qr"], "vq": dict(CONFIGS["gram"], vq_dim=2, bits=2,
+                                                                    vq_group_cols=8, vq_group_rows=8)}
 # Layers whose 37 rows do not split evenly: padded pieces, gathered in row order; for GPTVQ, one
 # whose last row group is short, one split at 32 of 37, one not split (a single row group).
 # Rank 0's accumulator sees every batch, the others none: merged, H + 0 = H exactly.
@@ -48,6 +57,35 @@ def _odd_weight(seed: int) -> torch.Tensor:
     return torch.randn(37, 40, generator=torch.Generator().manual_seed(seed + 1))
 
 
+def _batches(X, rank: int, world: int) -> list:
+    """The indices of rank ``rank``'s contiguous run of the batches X (as Distributed.split)."""
+    return list(range(len(X) * rank // world, len(X) * (rank + 1) // world))
+
+
+def _spread_accs(qc, X, batches, widths=SPREAD_D) -> dict:
+    """One accumulator per layer of ``widths`` (name -> d), fed with ``batches`` (indices into X),
+    the layer's first d inputs of each; the sketch's counter starts at the first one's global index."""
+    accs = {}
+    for name, d in widths.items():
+        acc = lrgptq.linear.make_accumulator(qc, d, token_offset=0)
+        acc.offset = sum(X[i].shape[0] for i in range(batches[0])) if batches else 0
+        for i in batches:
+            acc.add(X[i][:, :d].contiguous())
+        accs[name] = acc
+    return accs
+
+
+def _counting_factorize(counts: dict):
+    """lrgptq.linear.factorize, counting its calls in ``counts["n"]``."""
+    real = lrgptq.linear.factorize
+
+    def factorize(acc, config):
+        counts["n"] += 1
+        return real(acc, config)
+
+    return factorize
+
+
 def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -58,23 +96,44 @@ def _worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
     try:
         comm = Distributed()
         results = {}
-        for kind, cfg in CONFIGS.items():
+        counts = {"n": 0}
+        lrgptq.linear.factorize = _counting_factorize(counts)
+        for kind, seq in RUNS:
             model, ids, X = _inputs(seed)
-            report = lrgptq.quantize_model(model, ids, lrgptq.QuantConfig(**cfg), progress=False, comm=comm)
-            results[kind] = {n: ({k: t for k, (t, _) in r.row_tensors().items()}, r.loss)
-                             for n, r in report.results.items()}
-            acc = lrgptq.linear.make_accumulator(lrgptq.QuantConfig(**cfg), 40, token_offset=0)
-            lo, hi = len(X) * rank // world, len(X) * (rank + 1) // world  # the split of the batches
-            acc.offset = sum(x.shape[0] for x in X[:lo])  # the global index of this rank's first token
-            for x in X[lo:hi]:
-                acc.add(x)
-            results[kind]["_state"] = (comm.merge(acc).state.clone(), acc.tokens)
+            counts["n"] = 0
+            report = lrgptq.quantize_model(model, ids, lrgptq.QuantConfig(**CONFIGS[kind]), progress=False,
+                                           comm=comm, true_sequential=seq)
+            results[kind, seq] = {n: ({k: t for k, (t, _) in r.row_tensors().items()}, r.loss)
+                                  for n, r in report.results.items()}
+            per_rank = [None] * world
+            dist.all_gather_object(per_rank, counts["n"])
+            results[kind, seq]["_factored"] = per_rank  # factorize calls on each rank
+            if not seq:
+                continue
+            qc = lrgptq.QuantConfig(**CONFIGS[kind])
+            acc = _spread_accs(qc, X, _batches(X, rank, world), {"x": 40})["x"]
+            results[kind, seq]["_state"] = (comm.merge(acc).state.clone(), acc.tokens)
+            if kind == "qr":  # the tree of QR merges rooted at rank 1
+                acc = comm.merge(_spread_accs(qc, X, _batches(X, rank, world), {"x": 40})["x"], dst=1)
+                results["qr-root1"] = comm.broadcast(acc.state.clone() if rank == 1 else None, src=1)
+        for kind, cfg in SPREAD.items():
+            qc = lrgptq.QuantConfig(**cfg)
+            mine = _batches(X, rank, world)
+            counts["n"] = 0
+            factors = lrgptq.linear.factorize_shared(_spread_accs(qc, X, mine), qc, comm)
+            solo = lrgptq.linear.factorize_shared({"a": _spread_accs(qc, X, mine)["a"]}, qc, comm)
+            factored = [None] * world
+            dist.all_gather_object(factored, counts["n"])
+            layers = {n: lrgptq.quantize_linear(_odd_weight(seed)[:, :d], factors[n], qc).row_tensors()
+                      for n, d in SPREAD_D.items()}
+            layers["solo"] = lrgptq.quantize_linear(_odd_weight(seed), solo["a"], qc).row_tensors()
+            results[f"spread-{kind}"] = (layers, factored)
         for kind, cfg in ODD.items():
             qc = lrgptq.QuantConfig(**cfg)
             acc = lrgptq.linear.make_accumulator(qc, 40, token_offset=0)
             for x in X if rank == 0 else []:
                 acc.add(x)
-            factor = lrgptq.linear.factorize_shared(acc, qc, comm)
+            factor = lrgptq.linear.factorize_shared({"odd": acc}, qc, comm)["odd"]
             res = lrgptq.linear.quantize_shared(_odd_weight(seed), factor, qc, comm, "odd")
             results[f"odd-{kind}"] = (res.row_tensors(), res.report)
         if rank == 0:
@@ -91,28 +150,62 @@ def test_two_gloo_processes_match_one_process(tmp_path, gen):
     out = str(tmp_path / "rank0.pt")
     mp.spawn(_worker, args=(2, _free_port(), seed, out), nprocs=2, join=True)
     got = torch.load(out)
+    counts = {"n": 0}
+    real = lrgptq.linear.factorize
+    lrgptq.linear.factorize = _counting_factorize(counts)
+    try:
+        for kind, seq in RUNS:
+            model, ids, X = _inputs(seed)
+            counts["n"] = 0
+            report = lrgptq.quantize_model(model, ids, lrgptq.QuantConfig(**CONFIGS[kind]), progress=False,
+                                           true_sequential=seq)
+            for name, res in report.results.items():
+                tensors, loss = got[kind, seq][name]
+                assert torch.equal(tensors["codes"], res.codes), f"{kind} {name}: codes differ"
+                grid = ("codebooks", "codebook_scales") if kind == "vq" else ("scales", "zeros")
+                for key in grid:
+                    assert torch.equal(tensors[key], getattr(res, key)), f"{kind} {name}: {key} differ"
+                assert abs(loss - res.loss) <= 1e-5 * max(res.loss, 1e-30), f"{kind} {name}"
+            # Each factor computed once, on one rank: as many as one process computes in all.
+            factored = got[kind, seq]["_factored"]
+            assert sum(factored) == counts["n"] > 0, f"{kind} {seq}: {factored} factors vs {counts['n']}"
+            if seq:  # one factor per subset: owned by rank 0
+                assert factored[1] == 0, f"{kind}: rank 1 factored a subset of one layer"
+            else:  # 7 layers (d = 64 x 6, 128 x 1 on the tiny llama): the down_proj alone on one rank
+                assert min(factored) >= 1, f"{kind}: factors not dealt out over the ranks: {factored}"
+    finally:
+        lrgptq.linear.factorize = real
     for kind, cfg in CONFIGS.items():
-        model, ids, X = _inputs(seed)
-        report = lrgptq.quantize_model(model, ids, lrgptq.QuantConfig(**cfg), progress=False)
-        for name, res in report.results.items():
-            tensors, loss = got[kind][name]
-            assert torch.equal(tensors["codes"], res.codes), f"{kind} {name}: codes differ"
-            grid = ("codebooks", "codebook_scales") if kind == "vq" else ("scales", "zeros")
-            for key in grid:
-                assert torch.equal(tensors[key], getattr(res, key)), f"{kind} {name}: {key} differ"
-            assert abs(loss - res.loss) <= 1e-5 * max(res.loss, 1e-30), f"{kind} {name}"
+        X = _inputs(seed)[2]
         # The merged accumulator against one that saw every batch, in float64: the same up to the
         # order of the sums (H, Y) or of the Householder steps (R, up to row signs).
         acc = lrgptq.linear.make_accumulator(lrgptq.QuantConfig(**cfg), 40, token_offset=0)
         for x in X:
             acc.add(x)
-        state, tokens = got[kind]["_state"]
+        state, tokens = got[kind, True]["_state"]
         assert tokens == acc.tokens == sum(x.shape[0] for x in X)
         ref = acc.state
         if kind in ("qr", "auto"):
             state, ref = state.T @ state, ref.T @ ref  # RᵀR = H whatever the signs
+            root1 = got["qr-root1"]
+            err = float((root1.T @ root1 - ref).abs().max() / ref.abs().max())
+            assert err <= 1e-13, f"qr merged into rank 1 differs by {err:.2e} (relative)"
         err = float((state - ref).abs().max() / ref.abs().max())
         assert err <= 1e-13, f"{kind}: merged state differs by {err:.2e} (relative)"
+    assert lrgptq.linear.factor_owners([40**3, 24**3, 40**3], 2) == [0, 0, 1]
+    for kind, cfg in SPREAD.items():  # layers a, c on rank 0, b on rank 1; solo (a alone) on rank 0
+        qc = lrgptq.QuantConfig(**cfg)
+        X = _inputs(seed)[2]
+        accs = _spread_accs(qc, X, list(range(len(X))))
+        layers, factored = got[f"spread-{kind}"]
+        assert factored == [3, 1], f"spread {kind}: factors per rank {factored}, want [3, 1]"
+        for name, d in {**SPREAD_D, "solo": 40}.items():
+            ref = lrgptq.quantize_linear(_odd_weight(seed)[:, :d], accs["a" if name == "solo" else name], qc)
+            for key, (t, _) in ref.row_tensors().items():
+                if key == "row_slack":
+                    torch.testing.assert_close(layers[name][key][0], t, rtol=1e-12, atol=0)
+                else:
+                    assert torch.equal(layers[name][key][0], t), f"spread {kind} {name}: {key} differ"
     for kind, cfg in ODD.items():
         qc = lrgptq.QuantConfig(**cfg)
         acc = lrgptq.linear.make_accumulator(qc, 40, token_offset=0)

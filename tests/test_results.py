@@ -88,5 +88,5 @@ def test_quantize_shared_in_one_process_is_quantize_linear(gen):
     acc = lrgptq.linear.make_accumulator(qc, 32)
     acc.add(X)
     comm = lrgptq.distributed.Comm()
-    f = lrgptq.linear.factorize_shared(acc, qc, comm)
+    f = lrgptq.linear.factorize_shared({"x": acc}, qc, comm)["x"]
     _same(lrgptq.linear.quantize_shared(W, f, qc, comm, "x"), lrgptq.quantize_linear(W, f, qc))

@@ -241,3 +241,75 @@ def test_killed_streamed_run_resumes_to_the_same_checkpoint_under_a_memory_cap(t
     assert_same_files(tmp_path / "out", tmp_path / "once")
     loaded = lrgptq.load(tmp_path / "out", dtype=torch.float32)
     assert isinstance(loaded.model.layers[47].mlp.down_proj, lrgptq.QuantLinear)
+
+
+@pytest.mark.filterwarnings("ignore:.*calibration tokens")
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_mapped_experts_stream_byte_identical_and_a_killed_run_resumes(tmp_path, gen, monkeypatch, layout):
+    # Sources: transformers 5's save_pretrained (per-expert matrices) or the fused 3-D tensors
+    # under the model's names, in bf16. expert_budget=0: every block's experts live in a shared
+    # mapping of a scratch file, filled expert by expert; the checkpoint must equal the in-memory
+    # run's byte for byte, also after a kill (the resumed run recomputes block 1's inputs through
+    # mapped experts), and no scratch file may be left behind, even by the killed run.
+    from safetensors.torch import save_file
+    from tiny_models import MOE_ARCHS
+
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = MOE_ARCHS["qwen3_moe"]().eval().to(torch.bfloat16)
+    src, out = tmp_path / "src", tmp_path / "out"
+    if layout == "per_expert":
+        model.save_pretrained(src)
+    else:
+        src.mkdir()
+        model.config.save_pretrained(src)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src / "model.safetensors"))
+    ids = torch.randint(0, VOCAB, (4, 32), generator=gen)
+    qc = lrgptq.QuantConfig(bits=4, group_size=32, route="cholesky", accumulator="gram", order="act")
+    loads = []
+    real = streaming.load_experts
+    monkeypatch.setattr(streaming, "load_experts",
+                        lambda expert, key, shape, where, path=None: loads.append((key, path is not None))
+                        or real(expert, key, shape, where, path))
+
+    def fault(i):
+        assert not (out / "experts-rank0").exists()  # the block's scratch went with it
+        if i == 0:
+            raise KeyboardInterrupt("injected after block 0")
+
+    with pytest.raises(KeyboardInterrupt):
+        streaming.quantize_streamed(src, ids, out, qc, dtype=torch.float32, expert_budget=0, progress=False,
+                                    on_block=fault)
+    assert not (out / "experts-rank0").exists()
+    seen = []
+    streaming.quantize_streamed(src, ids, out, qc, dtype=torch.float32, expert_budget=0, progress=False,
+                                on_block=seen.append)
+    assert seen == [1]
+    fused = [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")]
+    assert sorted(loads) == sorted((k, True) for k in fused[:2] + fused)  # block 0 twice: run, then resume
+    loads.clear()
+    streaming.quantize_streamed(src, ids, tmp_path / "once", qc, dtype=torch.float32, expert_budget=10**12,
+                                progress=False)
+    assert loads and not any(mapped for _, mapped in loads)  # under the budget: held in memory
+    assert_same_files(out, tmp_path / "once")
+    ref = MOE_ARCHS["qwen3_moe"]().eval()  # float32 buffers (rotary), the bf16 weights upcast
+    ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    lrgptq.save(ref, lrgptq.quantize_model(ref, ids, qc, progress=False), tmp_path / "ref", dtype=torch.float32)
+    a, b = lrgptq.load(out).state_dict(), lrgptq.load(tmp_path / "ref").state_dict()
+    assert sorted(a) == sorted(b) and "model.layers.1.mlp.experts.7.down_proj.qweight" in a
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    with pytest.raises(ValueError, match="expert_budget=-1"):
+        streaming.quantize_streamed(src, ids, tmp_path / "bad", qc, expert_budget=-1, progress=False)
+
+
+def test_budget_runs_split_a_subset_into_runs_that_fit():
+    from lrgptq.pipeline import budget_runs
+
+    linears = {n: torch.nn.Linear(d, 8) for n, d in (("a", 64), ("b", 64), ("c", 32), ("d", 64))}
+    groups = [["a"], ["b"], ["c"], ["d"]]
+    need = 2 * 8 * 64 * 64  # twice a gram accumulator at d = 64, float64
+    cfg = lrgptq.QuantConfig(accumulator="gram")
+    assert budget_runs(groups, linears, cfg, None) == [groups]
+    assert budget_runs(groups, linears, cfg, 2 * need) == [[["a"], ["b"]], [["c"], ["d"]]]
+    assert budget_runs(groups, linears, cfg, 0) == [[g] for g in groups]  # at least one group per run
+    sketch = lrgptq.QuantConfig(accumulator="sketch", sketch_size=16)  # 16 x d states: all four fit
+    assert budget_runs(groups, linears, sketch, 2 * 8 * 16 * 224) == [groups]

@@ -341,13 +341,20 @@ class TensorReader:
         self.stack.close()
 
     def __call__(self, key: str) -> torch.Tensor:
+        return self._read(key, lambda h: h.get_tensor(key))
+
+    def slice(self, key: str) -> Any:
+        """``key`` as a safetensors slice: ``get_shape()``, and ``[a:b]`` reads those rows alone."""
+        return self._read(key, lambda h: h.get_slice(key))
+
+    def _read(self, key: str, get: Any) -> Any:
         from safetensors import safe_open
 
         path = self.files[key]
         try:
             if path not in self.handles:
                 self.handles[path] = self.stack.enter_context(safe_open(str(path), framework="pt"))
-            return self.handles[path].get_tensor(key)
+            return get(self.handles[path])
         except Exception as err:  # truncated, corrupt, or a name the index promised but the file lacks
             raise ValueError(f"{path}: cannot read tensor {key} ({err})") from err
 

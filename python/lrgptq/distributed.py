@@ -4,15 +4,18 @@ NCCL on GPU), and nothing else: the algorithm that uses it is in linear.py
 
 The pipeline talks to a :class:`Comm`; :class:`Comm` itself is the single-process case (every
 method is the identity) and :class:`Distributed` the torch.distributed one. What they offer:
-split the calibration batches, merge accumulators, broadcast an object from rank 0, gather the
-row pieces of a tensor, barrier. How the pipeline uses them:
+split the calibration batches, merge accumulators into one rank, broadcast an object from one
+rank, gather the row pieces of a tensor, barrier. How the pipeline uses them:
 
 - calibration batches are split into contiguous runs, one per rank; each rank feeds its own
   accumulator, with the sketch's token counter starting at the global index of its first token
   (docs/design.md §2: S_b depends on (seed, global token index) only, so Y = Σ_ranks Y_r);
 - accumulators merge exactly: H and Y by an all-reduce sum, R by a binary tree of QR merges
-  (R ← R-factor of [R_a; R_b], which keeps RᵀR = R_aᵀR_a + R_bᵀR_b);
-- the factor (perm, U) is computed once, on rank 0, and broadcast;
+  rooted at the rank that factors (R ← R-factor of [R_a; R_b], which keeps
+  RᵀR = R_aᵀR_a + R_bᵀR_b);
+- each factor (perm, U) is computed once, by the rank that owns its layer (the layers of a
+  subset are dealt out over the ranks by their cost, ``linear.factor_owners``), and broadcast
+  from there;
 - the rows of W are split across ranks for the engine (rows are independent given U,
   docs/design.md §1; a split respects the result's ``row_unit``: GPTVQ's codebooks are shared by
   ``vq_group_rows`` rows) and every per-row tensor of the result protocol is all-gathered, so
@@ -52,12 +55,14 @@ class Comm:
     def split(self, batches: List[Any]) -> List[Any]:
         return batches
 
-    def broadcast(self, value: Any) -> Any:
-        """Rank 0's ``value`` on every rank (a factor, or decisions taken from data that differ per rank)."""
+    def broadcast(self, value: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``value`` on every rank (a factor, or decisions taken from data that differ
+        per rank); the other ranks' ``value`` is ignored."""
         return value
 
-    def merge(self, acc: Accumulator) -> Accumulator:
-        """Every rank's accumulator merged into rank 0's."""
+    def merge(self, acc: Accumulator, dst: int = 0) -> Accumulator:
+        """Every rank's accumulator merged into rank ``dst``'s (the one that factors it); on the
+        other ranks ``acc`` is left partly merged and must not be factored."""
         return acc
 
     def gather_rows(self, t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -98,9 +103,9 @@ class Distributed(Comm):
         self.token_offset = sum(_tokens(b) for b in batches[: bounds[self.rank]])
         return batches[bounds[self.rank] : bounds[self.rank + 1]]
 
-    def broadcast(self, value: Any) -> Any:
+    def broadcast(self, value: Any, src: int = 0) -> Any:
         box = [value]
-        self.dist.broadcast_object_list(box, src=self._global(0), group=self.group, device=self._obj_device)
+        self.dist.broadcast_object_list(box, src=self._global(src), group=self.group, device=self._obj_device)
         return box[0]
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -108,31 +113,33 @@ class Distributed(Comm):
         self.dist.all_reduce(buf, group=self.group)
         return buf.cpu()
 
-    def merge(self, acc: Accumulator) -> Accumulator:
-        """Every rank's accumulator merged into rank 0's (the only one that factors)."""
+    def merge(self, acc: Accumulator, dst: int = 0) -> Accumulator:
+        """Every rank's accumulator merged into rank ``dst``'s (H and Y: on every rank)."""
         if isinstance(acc, FoldedAccumulator):  # damp='auto': fold by fold
             for part in acc.parts:
-                self.merge(part)
+                self.merge(part, dst)
             return acc
         tokens = self._all_reduce(torch.tensor([acc.tokens], dtype=torch.float64))
         if acc.kind == "qr":
-            self._tree_qr(acc)
+            self._tree_qr(acc, dst)
         else:  # H and Y are sums over tokens (docs/design.md §2)
             acc._state = self._all_reduce(acc.state)
         acc.tokens = int(tokens.item())
         return acc
 
-    def _tree_qr(self, acc: Accumulator) -> None:
-        """R ← R-factor of [R_a; R_b] up a binary tree: rank r takes r + step's R at each level."""
+    def _tree_qr(self, acc: Accumulator, dst: int) -> None:
+        """R ← R-factor of [R_a; R_b] up a binary tree rooted at ``dst``: counted from ``dst``
+        (v = rank − dst mod world), rank v takes v + step's R at each level."""
         R = acc.state
+        v = (self.rank - dst) % self.world
         step = 1
         while step < self.world:
-            if self.rank % (2 * step) == 0 and self.rank + step < self.world:
+            if v % (2 * step) == 0 and v + step < self.world:
                 other = torch.empty_like(R, device=self.device)
-                self.dist.recv(other, src=self._global(self.rank + step), group=self.group)
+                self.dist.recv(other, src=self._global((v + step + dst) % self.world), group=self.group)
                 ops.qr_update(R, other.cpu())
-            elif self.rank % (2 * step) == step:
-                self.dist.send(R.to(self.device), dst=self._global(self.rank - step), group=self.group)
+            elif v % (2 * step) == step:
+                self.dist.send(R.to(self.device), dst=self._global((v - step + dst) % self.world), group=self.group)
                 break
             step *= 2
 

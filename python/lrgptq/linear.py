@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -231,11 +231,38 @@ def row_unit(config: QuantConfig, d_out: int) -> int:
     return vq.row_unit(config.vq_group_rows, d_out) if config.vq_dim else 1
 
 
-def factorize_shared(acc: Accumulator, config: QuantConfig, comm: "Comm") -> Factor:
-    """Every rank's accumulator merged, factored once on rank 0, the factor broadcast: every rank
-    gets the same :class:`Factor` (one process: :func:`factorize`)."""
-    merged = comm.merge(acc)
-    return comm.broadcast(factorize(merged, config) if comm.rank == 0 else None)
+def factor_cost(acc: Accumulator, config: QuantConfig) -> int:
+    """What factoring ``acc`` costs, up to a constant shared by the layers of one config: the
+    rows of its state times d² (d³ for H and R, m·d² for an m-row sketch); nothing for ``rtn``."""
+    if config.route == "rtn":
+        return 0
+    rows = acc.state.shape[0] if acc.kind == "sketch" else acc.d  # a folded accumulator merges its state lazily
+    return rows * acc.d * acc.d
+
+
+def factor_owners(costs: Sequence[int], world: int) -> List[int]:
+    """The rank that factors each layer: the costliest layer first, each to the rank with the least
+    work so far (ties: the lower rank, then the earlier layer), so that no rank waits on one
+    that holds all the work. Deterministic: every rank computes the same owners from the same costs."""
+    load = [0] * world
+    owners = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = r
+        load[r] += costs[i]
+    return owners
+
+
+def factorize_shared(accs: Mapping[str, Accumulator], config: QuantConfig, comm: "Comm") -> Dict[str, Factor]:
+    """The factor of each of a subset's accumulators, on every rank: each layer's accumulators are
+    merged into its owner rank (:func:`factor_owners`), each rank factors the layers it owns, and
+    every factor is broadcast from its owner. The factors equal one process's (one process:
+    :func:`factorize` of each); N ranks factor N layers at once instead of rank 0 all of them."""
+    names = list(accs)
+    owners = factor_owners([factor_cost(accs[n], config) for n in names], comm.world)
+    merged = {n: comm.merge(accs[n], dst=o) for n, o in zip(names, owners)}
+    mine = {n: factorize(merged[n], config) for n, o in zip(names, owners) if o == comm.rank}
+    return {n: comm.broadcast(mine.get(n), src=o) for n, o in zip(names, owners)}
 
 
 def quantize_shared(weight: torch.Tensor, factor: Factor, config: QuantConfig, comm: "Comm",

@@ -124,6 +124,11 @@ class BlockStep:
     comm: Comm = field(default_factory=Comm)
     backups: Optional[List[Tuple[nn.Module, torch.Tensor]]] = None  # weights to restore on failure
     bar: Any = None
+    on_layer: Optional[Callable[[], None]] = None  # called once each layer holds its quantized weight
+    # Bytes the accumulators and factors of one subset may take at once (None: no bound): a subset
+    # whose layers need more (an MoE's 128 experts) is captured, factored and quantized in runs
+    # that fit, one forward pass per run. Exact: a subset's layers never read each other's outputs.
+    accumulator_budget: Optional[int] = None
 
     def quantize_block(self, i: int, block: nn.Module, inputs: List[BlockInput]) -> Dict[str, LayerResult]:
         """Quantizes block ``i``'s linears in place (subset by subset), fills the report's rows and
@@ -144,7 +149,8 @@ class BlockStep:
         else:
             subsets = [[[n] for n in linears]]
         results: Dict[str, LayerResult] = {}
-        for groups in subsets:
+        budget = self.accumulator_budget if self.true_sequential and not rtn else None
+        for groups in (run for subset in subsets for run in budget_runs(subset, linears, cfg, budget)):
             modules = {n: linears[n] for g in groups for n in g}
             source = {n: g[0] for g in groups for n in g}
             # Layers that read one tensor share one accumulator and one factor.
@@ -159,7 +165,7 @@ class BlockStep:
                 with input_hooks(readers, lambda n, X: accumulate(accs[n], X, prefix + n),
                                  stop_when_all_seen=True) as reset:
                     _feed_block(block, inputs, reset)
-            factors = {n: factorize_shared(acc, cfg, comm) for n, acc in accs.items()}
+            factors = factorize_shared(accs, cfg, comm)  # dealt out over the ranks
             for n, m in modules.items():
                 name = f"{self.block_path}.{i}.{n}"
                 t0 = time.perf_counter()
@@ -168,6 +174,8 @@ class BlockStep:
                     self.backups.append((m, m.weight.detach().clone()))
                 set_weight_matrix(m, res.weight)
                 res.weight = torch.empty(0)  # the module holds it; keep only what packing needs
+                if self.on_layer is not None:
+                    self.on_layer()
                 results[name] = res
                 row = {"name": name, "block": i, "d_out": res.shape[0], "d": res.shape[1],
                        "seconds": time.perf_counter() - t0, **res.report}
@@ -175,6 +183,26 @@ class BlockStep:
                 if self.bar is not None:
                     self.bar.set_postfix_str(f"{n} rank {res.rank} loss {res.loss:.3g}")
         return results
+
+
+def budget_runs(groups: List[List[str]], linears: Dict[str, nn.Module], config: QuantConfig,
+                budget: Optional[int]) -> List[List[List[str]]]:
+    """A subset's groups in consecutive runs whose accumulators and factors (twice the
+    accumulator's float64 state per group) fit ``budget`` bytes; a run holds at least one group.
+    None: one run."""
+    if budget is None:
+        return [groups]
+    runs: List[List[List[str]]] = [[]]
+    used = 0
+    for g in groups:
+        d = in_features(linears[g[0]])
+        need = 2 * 8 * d * (config.sketch_size if config.accumulator == "sketch" else d)
+        if runs[-1] and used + need > budget:
+            runs.append([])
+            used = 0
+        runs[-1].append(g)
+        used += need
+    return runs
 
 
 def accumulate(acc: Accumulator, X: torch.Tensor, layer: str) -> None:
