@@ -322,7 +322,7 @@ def test_two_gloo_processes_quantize_the_experts_as_one(tmp_path, gen):
     import torch.multiprocessing as mp
     from test_distributed import _free_port
 
-    ids = ids_for(gen, 5, 24)  # 5 batches: ranks get 2 and 3
+    ids = ids_for(gen, 5, 24)  # 5 windows: window 0 alone, the rest grouped; a batch per rank
     out = str(tmp_path / "rank0.pt")
     mp.spawn(_gloo_worker, args=(2, _free_port(), ids, out), nprocs=2, join=True)
     got = torch.load(out)
@@ -332,4 +332,8 @@ def test_two_gloo_processes_quantize_the_experts_as_one(tmp_path, gen):
         codes, scales, zeros, tokens = got[name]
         assert tokens == res.report["tokens"], name
         assert torch.equal(codes, res.codes) and torch.equal(scales, res.scales) and torch.equal(zeros, res.zeros), name
-    assert ref.results["model.layers.0.mlp.experts.5.gate_proj"].report["tokens"] == 3 * 5
+    from lrgptq.calib import calibration_batches
+
+    n_batches = len(calibration_batches(ids))  # windows are grouped into batches; the router starves per batch
+    assert n_batches >= 2
+    assert ref.results["model.layers.0.mlp.experts.5.gate_proj"].report["tokens"] == 3 * n_batches
