@@ -35,9 +35,10 @@ def capture(model, ids, blocks):
     for b in blocks:
         for name, m in model.model.layers[b].named_modules():
             if isinstance(m, torch.nn.Linear):
-                key = f"{b}.{name}"
-                hooks.append(m.register_forward_pre_hook(
-                    lambda mod, args, key=key: out.setdefault(key, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).clone())))
+                def keep(mod, args, key=f"{b}.{name}"):
+                    out.setdefault(key, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).clone())
+
+                hooks.append(m.register_forward_pre_hook(keep))
     try:
         with torch.no_grad():
             for row in ids:

@@ -81,8 +81,8 @@ class QuantConfig:
     zeta: int = _setting(8, "sparse sketch: nonzeros per token")
     seed: int = _setting(0, "seed of calibration windows and sketches")
     damp: Union[float, str] = _setting(
-        0.01, "λ = damp × mean (or median) diag H: added to H (cholesky) or to σ² (svdqr); 'auto': chosen per layer "
-        "on held-out calibration tokens (routes cholesky and svdqr, scalar grid)", value_type=damp_value)
+        0.01, "λ = damp × mean (or median) diag H: added to H (cholesky) or to σ² (svdqr); 'auto': chosen per "
+        "layer on held-out calibration tokens (routes cholesky and svdqr, scalar grid)", value_type=damp_value)
     damp_ref: str = _setting("mean", "diagonal statistic that damp multiplies", DAMP_REFS)
     max_retries: int = _setting(8, "cholesky: tenfold raises of λ before giving up")
     truncation: str = _setting("rel", "svdqr: rule that drops meaningless singular values", TRUNCATIONS)
