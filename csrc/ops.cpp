@@ -16,6 +16,10 @@ TORCH_LIBRARY(lrgptq, m) {
       "-> (Tensor perm, Tensor U, int rank, Tensor dead, float damp_lambda, int damp_retries, "
       "float sigma_max, float sigma_min_kept, bool from_original, int pivots)");
 
+  // damp='auto' (docs/design.md §13): per row, the held-out loss ‖A (w − q)‖² (source 'qr', A = R_val)
+  // or (w − q)ᵀ A (w − q) (source 'gram', A = H_val), float64.
+  m.def("heldout_loss(Tensor W, Tensor Q, Tensor A, str source) -> Tensor");
+
   // The GPTQ engine (docs/design.md §4) on the uniform grid: scalar GPTQ (ldlq_dim = 1) or block LDLQ
   // (ldlq_dim = D columns chosen jointly, docs/design.md §5); grid 'minmax' (min-max or MSE range) or
   // 'noclip' (passes until no target is clamped, at most grid_passes); row_clipped counts the

@@ -16,6 +16,7 @@ from tiny_models import ARCHS, VOCAB  # noqa: E402
 CONFIGS = {
     "gram": dict(route="cholesky", accumulator="gram", order="act", group_size=32),
     "qr": dict(group_size=32),  # svdqr on the exact streaming QR, pivoted order
+    "auto": dict(group_size=32, damp="auto"),  # held-out folds merged fold by fold; rank 0 chooses
     "sketch": dict(accumulator="sketch", sketch_size=48, group_size=32),
     # GPTVQ: a codebook per 8 rows, so the row split falls on a multiple of 8 (k_proj: 32 rows).
     "vq": dict(vq_dim=2, bits=2, vq_group_cols=16, vq_group_rows=8),
@@ -108,7 +109,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, gen):
         state, tokens = got[kind]["_state"]
         assert tokens == acc.tokens == sum(x.shape[0] for x in X)
         ref = acc.state
-        if kind == "qr":
+        if kind in ("qr", "auto"):
             state, ref = state.T @ state, ref.T @ ref  # RᵀR = H whatever the signs
         err = float((state - ref).abs().max() / ref.abs().max())
         assert err <= 1e-13, f"{kind}: merged state differs by {err:.2e} (relative)"

@@ -53,6 +53,7 @@ def cases(gen):
         "qr_update": ((torch.zeros(d, d, dtype=F64), Xb), ALL_CHECKS),
         "sketch_update": ((torch.zeros(6, d, dtype=F64), Xb, 3, 0, "sparse", 4), ALL_CHECKS),
         "factor": ((R, "qr", "svdqr", "pivot", 0.01, "mean", 8, "rel", 1e-4, F64), NO_META_CHECKS),
+        "heldout_loss": ((W, W.round(), R, "qr"), ALL_CHECKS),
         "gptq_quantize": ((W, perm, U, False, 3, 8, False, False, False, 16, 2, "minmax", 4), ALL_CHECKS),
         "pack_bits": ((torch.randint(0, 8, (64, 5), generator=gen, dtype=torch.uint8), 3, 0), ALL_CHECKS),
         "unpack_bits": ((qweight, 4, 0, 64), ALL_CHECKS),

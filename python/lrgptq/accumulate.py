@@ -108,3 +108,75 @@ class Accumulator:
             self._state += other.state
         self.tokens += other.tokens
         return self
+
+
+# Held-out folds for damp="auto" (docs/design.md §13): a token is held out when its chunk of
+# HELD_OUT_CHUNK consecutive global token indices is a multiple of FOLDS. Chunks keep held-out
+# tokens away from the training tokens next to them; FOLDS = 5 is odd, so with windows of a power
+# of two tokens the held-out chunks rotate through every position of a window (the first token of a
+# sequence, often an outlier, is held out in one window of five, as every other position is).
+FOLDS = 5
+HELD_OUT_CHUNK = 64
+
+
+def held_out_mask(offset: int, n: int, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    """Whether each of the tokens offset .. offset + n − 1 (global indices) is held out."""
+    t = torch.arange(offset, offset + n, device=device)
+    return (t // HELD_OUT_CHUNK) % FOLDS == 0
+
+
+class FoldedAccumulator:
+    """Two accumulators of one kind: the training tokens and the held-out ones (:func:`held_out_mask`
+    of the global token index, so any split of the tokens into batches or ranks gives the same folds).
+    ``state`` is the state of every token (the folds merged exactly: a sum, or the QR of the stacked
+    R's); ``train`` and ``held_out`` are the folds."""
+
+    def __init__(self, kind: str, d: int, *, token_offset: int = 0,
+                 device: Union[str, torch.device, None] = None) -> None:
+        if kind not in ("gram", "qr"):
+            raise ValueError(f"damp='auto' needs the 'qr' or 'gram' accumulator (a sketch mixes the tokens, so it "
+                             f"cannot hold some out), got {kind!r}")
+        self.kind, self.d, self.offset = kind, d, token_offset
+        self.train = Accumulator(kind, d, device=device)
+        self.held_out = Accumulator(kind, d, device=device)
+        self.seen = 0  # tokens this instance was given (its global indices start at ``offset``)
+
+    @property
+    def tokens(self) -> int:
+        return self.train.tokens + self.held_out.tokens
+
+    @property
+    def parts(self) -> tuple:
+        return self.train, self.held_out
+
+    def add(self, X: torch.Tensor) -> "FoldedAccumulator":
+        """Adds a batch (..., d); rows are tokens in order."""
+        if not isinstance(X, torch.Tensor) or X.shape[-1:] != (self.d,):
+            self.train.add(X)  # the accumulator's own error names what is wrong
+        rows = X.reshape(-1, self.d)
+        mask = held_out_mask(self.offset + self.seen, rows.shape[0], rows.device)
+        self.seen += rows.shape[0]
+        if bool(mask.any()):
+            self.held_out.add(rows[mask])
+        if not bool(mask.all()):
+            self.train.add(rows[~mask])
+        return self
+
+    def merged(self) -> Accumulator:
+        """One accumulator of every token (the folds merged; neither fold is changed)."""
+        out = Accumulator(self.kind, self.d, device=self.train.state.device)
+        out._state = self.train.state.clone()
+        out.tokens = self.train.tokens
+        return out.merge(self.held_out)
+
+    @property
+    def state(self) -> torch.Tensor:
+        return self.merged().state
+
+    def merge(self, other: "FoldedAccumulator") -> "FoldedAccumulator":
+        """Merges another worker's folds, fold by fold."""
+        if not isinstance(other, FoldedAccumulator):
+            raise ValueError("FoldedAccumulator.merge: the other accumulator has no folds (damp differs?)")
+        self.train.merge(other.train)
+        self.held_out.merge(other.held_out)
+        return self

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -22,6 +22,21 @@ METHODS = {
     "lrgptq": {"route": "svdqr", "accumulator": "qr", "order": "pivot"},
     "rtn": {"route": "rtn", "accumulator": "gram", "order": "identity"},
 }
+
+
+AUTO = "auto"  # damp chosen per layer on held-out tokens (python/lrgptq/validate.py)
+AUTO_ROUTES = ("cholesky", "svdqr")
+AUTO_ACCUMULATORS = ("gram", "qr")
+
+
+def damp_value(text: str) -> Union[float, str]:
+    """``--damp`` on the command line: 'auto' or a number."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"damp must be 'auto' or a number >= 0, got {text!r}") from None
 
 
 def _bad(name: str, value: Any, allowed: str) -> ValueError:
@@ -65,7 +80,9 @@ class QuantConfig:
     sketch_kind: str = _setting("sparse", "sketch: sparse sign or gaussian", SKETCH_KINDS)
     zeta: int = _setting(8, "sparse sketch: nonzeros per token")
     seed: int = _setting(0, "seed of calibration windows and sketches")
-    damp: float = _setting(0.01, "λ = damp × mean (or median) diag H: added to H (cholesky) or to σ² (svdqr)")
+    damp: Union[float, str] = _setting(
+        0.01, "λ = damp × mean (or median) diag H: added to H (cholesky) or to σ² (svdqr); 'auto': chosen per layer "
+        "on held-out calibration tokens (routes cholesky and svdqr, scalar grid)", value_type=damp_value)
     damp_ref: str = _setting("mean", "diagonal statistic that damp multiplies", DAMP_REFS)
     max_retries: int = _setting(8, "cholesky: tenfold raises of λ before giving up")
     truncation: str = _setting("rel", "svdqr: rule that drops meaningless singular values", TRUNCATIONS)
@@ -129,8 +146,11 @@ class QuantConfig:
             check_int("sketch_size", 1)
         for field in ("damp", "tau"):
             v = getattr(self, field)
+            if field == "damp" and v == AUTO:
+                self._check_auto()
+                continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < float("inf")):
-                raise _bad(field, v, "a finite number >= 0")
+                raise _bad(field, v, "a finite number >= 0" + (" or 'auto'" if field == "damp" else ""))
         self._check_vq()
         if self.accumulator == "sketch" and self.sketch_size is None:
             raise _bad("sketch_size", None, "set (the sketch's row count m) when accumulator='sketch'")
@@ -145,6 +165,20 @@ class QuantConfig:
                        "static_groups) so that no block of columns straddles a group start")
         if self.grid == "noclip" and self.mse:
             raise _bad("mse", True, "False with grid='noclip' (noclip sets the range from the targets)")
+
+    def _check_auto(self) -> None:
+        """damp='auto' quantizes candidates on training tokens and scores them on held-out ones
+        (validate.py): it needs a damped factor route, an accumulator that keeps tokens apart, and
+        the scalar engine."""
+        if self.route not in AUTO_ROUTES:
+            raise _bad("damp", AUTO, f"a number with route={self.route!r} ('auto' chooses the damping of the "
+                       "routes 'cholesky' and 'svdqr')")
+        if self.accumulator not in AUTO_ACCUMULATORS:
+            raise _bad("damp", AUTO, f"a number with accumulator={self.accumulator!r} ('auto' holds tokens out, "
+                       "which needs accumulator 'qr' or 'gram')")
+        if self.vq_dim:
+            raise _bad("damp", AUTO, "a number with vq_dim > 0 ('auto' scores candidates with the scalar engine; "
+                       "GPTVQ's codebooks are fitted per group of rows, so a row sample cannot score them)")
 
     def _check_vq(self) -> None:
         if self.vq_dim not in VQ_DIMS or isinstance(self.vq_dim, bool):

@@ -29,7 +29,7 @@ from typing import Any, List, Optional
 import torch
 
 from . import ops
-from .accumulate import Accumulator
+from .accumulate import Accumulator, FoldedAccumulator
 
 
 def _tokens(batch: Any) -> int:
@@ -110,6 +110,10 @@ class Distributed(Comm):
 
     def merge(self, acc: Accumulator) -> Accumulator:
         """Every rank's accumulator merged into rank 0's (the only one that factors)."""
+        if isinstance(acc, FoldedAccumulator):  # damp='auto': fold by fold
+            for part in acc.parts:
+                self.merge(part)
+            return acc
         tokens = self._all_reduce(torch.tensor([acc.tokens], dtype=torch.float64))
         if acc.kind == "qr":
             self._tree_qr(acc)

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Iterable, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 
 from . import ops, vq
-from .accumulate import Accumulator
-from .config import QuantConfig
+from .accumulate import Accumulator, FoldedAccumulator
+from .config import AUTO, QuantConfig
 from .results import LayerResult, row_split
 
 if TYPE_CHECKING:
     from .distributed import Comm
 
-Inputs = Union[torch.Tensor, Iterable[torch.Tensor], Accumulator]
+Inputs = Union[torch.Tensor, Iterable[torch.Tensor], Accumulator, FoldedAccumulator]
 
 
 @dataclass
@@ -84,10 +84,12 @@ def babai_bound(scales: torch.Tensor, g_idx: torch.Tensor, perm: torch.Tensor, U
 
 def make_accumulator(
     config: QuantConfig, d: int, device: Union[str, torch.device, None] = None, *, token_offset: int = 0
-) -> Accumulator:
+) -> Union[Accumulator, FoldedAccumulator]:
     """The accumulator that ``config`` asks for, for a layer with ``d`` inputs, on ``device``
     (default: the CPU); ``token_offset``: the global index of the first token it will see (a
-    sketch's counter, for merging workers)."""
+    sketch's counter and the held-out folds of damp='auto', for merging workers)."""
+    if config.damp == AUTO:
+        return FoldedAccumulator(config.accumulator, d, token_offset=token_offset, device=device)
     return Accumulator(
         config.accumulator,
         d,
@@ -103,7 +105,7 @@ def make_accumulator(
 def _accumulate(
     inputs: Inputs, config: QuantConfig, d: int, name: str, device: Optional[torch.device] = None
 ) -> Accumulator:
-    if isinstance(inputs, Accumulator):
+    if isinstance(inputs, (Accumulator, FoldedAccumulator)):
         if inputs.d != d:
             raise ValueError(f"{name}: the accumulator has d={inputs.d} but the weight has in_features={d}")
         return inputs
@@ -129,10 +131,24 @@ class Factor:
     from_original: bool
     route: str
     report: dict
+    # damp='auto': the search that makes the factor once it sees the weight (validate.Search.choose);
+    # perm and U are then placeholders.
+    pending: Optional[Any] = None
+
+    def for_weight(self, weight: torch.Tensor, name: str) -> "Factor":
+        """The factor to quantize ``weight`` with (the search's choice for it under damp='auto')."""
+        return self if self.pending is None else self.pending.choose(weight, name)
 
 
-def factorize(acc: Accumulator, config: QuantConfig) -> Factor:
-    """Factors an accumulator with ``config``'s route; with no tokens, every column is rounded."""
+def factorize(acc: Union[Accumulator, FoldedAccumulator], config: QuantConfig) -> Factor:
+    """Factors an accumulator with ``config``'s route; with no tokens, every column is rounded.
+    With damp='auto' the factor waits for the weight (:meth:`Factor.for_weight`)."""
+    if config.damp == AUTO and acc.tokens > 0:
+        from . import validate
+
+        dev = acc.train.state.device if isinstance(acc, FoldedAccumulator) else acc.state.device
+        return Factor(torch.arange(acc.d, device=dev), torch.empty(0, acc.d, device=dev), 0, None, False,
+                      config.route, {}, pending=validate.search(acc, config))
     route = config.route if acc.tokens > 0 else "rtn"
     report = {"route": route, "order": config.order, "accumulator": acc.kind, "tokens": acc.tokens}
     if route == "rtn":
@@ -178,9 +194,9 @@ def quantize_linear(
         if isinstance(inputs, Factor):
             if inputs.perm.numel() != d:
                 raise ValueError(f"the factor is for d={inputs.perm.numel()} inputs, the weight has {d}")
-            f = inputs
+            f = inputs.for_weight(weight, name)
         else:
-            f = factorize(_accumulate(inputs, cfg, d, name, weight.device), cfg)
+            f = factorize(_accumulate(inputs, cfg, d, name, weight.device), cfg).for_weight(weight, name)
         # The engine runs on the weight's device (CPU or CUDA); the factor follows it there.
         dev = weight.device
         W = weight.detach().to(cfg.compute_dtype)
@@ -229,6 +245,8 @@ def quantize_shared(weight: torch.Tensor, factor: Factor, config: QuantConfig, c
     respects the result's ``row_unit``, and the pieces are gathered in row order through the
     result protocol, so every rank ends with the whole layer. A layer with fewer row units
     than ranks is quantized whole on every rank."""
+    if factor.pending is not None:  # damp='auto' chooses from the whole weight, once (rank 0)
+        factor = comm.broadcast(factor.for_weight(weight, name) if comm.rank == 0 else None)
     bounds = row_split(weight.shape[0], comm.world, row_unit(config, weight.shape[0]))
     if comm.world == 1 or not bounds:
         return quantize_linear(weight, factor, config, name=name)

@@ -77,6 +77,15 @@ def factor(
                                       force_spectrum))
 
 
+# ----------------------------------------------------------------------------- validate
+
+
+def heldout_loss(W: torch.Tensor, Q: torch.Tensor, A: torch.Tensor, *, source: str) -> torch.Tensor:
+    """Per row of E = W − Q, the held-out loss ‖A eᵢ‖² (``source`` 'qr', A = R_val) or eᵢᵀ A eᵢ
+    ('gram', A = H_val), float64 (damp='auto', docs/design.md §13)."""
+    return _ops.heldout_loss(W, Q, A, source)
+
+
 # ----------------------------------------------------------------------------- quantize
 
 

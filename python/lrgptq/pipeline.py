@@ -46,6 +46,8 @@ class ModelReport:
             note = r.get("note", "")
             if r.get("damp_retries"):
                 note = (note + f" damp raised x10^{r['damp_retries']}").strip()
+            if "damp_auto" in r:
+                note = (note + f" damp={r['damp_auto']} (auto)").strip()
             clip = f"{100 * r['clip_rate']:.3f}" if "clip_rate" in r else "-"
             rows.append(f"{r['name']:<48} {shape:>12} {r['tokens']:>7} {r['rank']:>6} {r['loss']:>11.4g} {clip:>7} "
                         f"{note}")

@@ -208,8 +208,9 @@ def quantization_config(
         "lm_head": bool(info.get("lm_head", False)),
     }
     # damp_percent is the Cholesky route's damping; the other routes do not damp H (and readers
-    # reject 0), so it is written only where it means what GPTQ readers take it to mean.
-    if cfg.route == "cholesky" and 0 < cfg.damp < 1:
+    # reject 0), so it is written only where it means what GPTQ readers take it to mean (not for
+    # damp='auto', chosen per layer: meta.lrgptq and the layer reports hold it).
+    if cfg.route == "cholesky" and isinstance(cfg.damp, float) and 0 < cfg.damp < 1:
         qc["damp_percent"] = cfg.damp
     if block_path is not None:
         qc["block_name_to_quantize"] = block_path

@@ -1,0 +1,122 @@
+"""Cost of damp='auto' (python/lrgptq/validate.py, docs/design.md §13) against one quantization with
+the same route (the baseline: QuantConfig.for_method(method), damp=0.01), side by side in one run on
+the packaged SmolLM2-135M and Emma calibration windows.
+
+Per layer (the linears of --blocks, inputs captured from the float model): the seconds of
+factor + engine from the accumulated inputs, baseline vs auto (folds, candidate search on a row
+sample, final factor + engine), and the accumulation of the inputs (one accumulator vs two folds).
+End to end (--e2e): quantize_model with the baseline vs auto, on fresh copies of the model.
+Every line carries the load average; only the ratios are claims.
+
+    python bench/validate.py --blocks 0,15 --e2e          # the figures of docs/benchmarks.md
+    python bench/validate.py --blocks 0 --nsamples 2      # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections import Counter
+
+import torch
+
+import common
+
+import lrgptq
+from lrgptq.calib import text_windows
+from lrgptq.demo import austen_books, load_demo_model
+from lrgptq.linear import factorize, make_accumulator, quantize_linear
+
+
+def capture(model, ids, blocks):
+    """Inputs (tokens, d) of every linear of ``blocks`` on the float model."""
+    out, hooks = {}, []
+    for b in blocks:
+        for name, m in model.model.layers[b].named_modules():
+            if isinstance(m, torch.nn.Linear):
+                key = f"{b}.{name}"
+                hooks.append(m.register_forward_pre_hook(
+                    lambda mod, args, key=key: out.setdefault(key, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).clone())))
+    try:
+        with torch.no_grad():
+            for row in ids:
+                model(row[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def one_layer(W, X, cfg):
+    """(seconds to accumulate, seconds to factor + quantize, result) with ``cfg``."""
+    t0 = time.perf_counter()
+    acc = make_accumulator(cfg, X.shape[1])
+    for piece in X.split(512):
+        acc.add(piece)
+    for part in getattr(acc, "parts", (acc,)):
+        part.state  # flush the pending rows
+    t1 = time.perf_counter()
+    res = quantize_linear(W, factorize(acc, cfg), cfg)
+    return t1 - t0, time.perf_counter() - t1, res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="lrgptq", choices=["lrgptq", "gptq"])
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--nsamples", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--blocks", default="0,15")
+    p.add_argument("--e2e", action="store_true", help="also quantize_model end to end")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    common.setup(args.threads)
+    model, tok = load_demo_model()
+    ids = text_windows(austen_books()["emma"], tok, args.nsamples, args.seqlen, seed=0)
+    base = lrgptq.QuantConfig.for_method(args.method, bits=args.bits)
+    auto = lrgptq.QuantConfig.for_method(args.method, bits=args.bits, damp="auto")
+    print(f"# {args.method} {args.bits}-bit g128, calibration {args.nsamples}x{args.seqlen} tokens of Emma, "
+          f"{args.threads} threads; load {common.load()}")
+    print("| layer | d_out x d | accumulate auto/base | factor+engine base s | auto s | ratio | chosen | "
+          "held-out loss chosen/default | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    inputs = capture(model, ids, [int(b) for b in args.blocks.split(",")])
+    tot_b = tot_a = 0.0
+    first = next(iter(inputs))  # warm-up: the first calls of the ops and of LAPACK, untimed
+    for cfg in (auto, base):
+        one_layer(model.model.layers[int(first.split(".")[0])].get_submodule(first.split(".", 1)[1]).weight.detach(),
+                  inputs[first], cfg)
+    for i, (key, X) in enumerate(inputs.items()):
+        b, name = key.split(".", 1)
+        W = model.model.layers[int(b)].get_submodule(name).weight.detach()
+        # alternate the order so that a change of load does not favour one side
+        if i % 2:
+            acc_b, run_b, _ = one_layer(W, X, base)
+            acc_a, run_a, res = one_layer(W, X, auto)
+        else:
+            acc_a, run_a, res = one_layer(W, X, auto)
+            acc_b, run_b, _ = one_layer(W, X, base)
+        r = res.report
+        tot_b += acc_b + run_b
+        tot_a += acc_a + run_a
+        print(f"| {key} | {W.shape[0]}x{W.shape[1]} | {acc_a / acc_b:.2f} | {run_b:.2f} | {run_a:.2f} | "
+              f"{(acc_a + run_a) / (acc_b + run_b):.2f} | {r['damp_auto']} | "
+              f"{r['heldout_loss'][r['damp_auto']] / r['heldout_loss_default']:.3f} | {common.load()} |")
+    print(f"\nper-layer total (accumulate + factor + engine): auto/base = {tot_a / tot_b:.2f}  (load {common.load()})")
+    if args.e2e:
+        times, choices = {}, Counter()
+        for label, cfg in (("auto", auto), ("base", base)):
+            m = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            rep = lrgptq.quantize_model(m, ids, cfg, progress=False)
+            times[label] = time.perf_counter() - t0
+            if label == "auto":
+                choices = Counter(r["damp_auto"] for r in rep.layers)
+            print(f"quantize_model {label}: {times[label]:.1f} s (load {common.load()})")
+        print(f"end to end: auto/base = {times['auto'] / times['base']:.2f}; choices over "
+              f"{sum(choices.values())} layers: {dict(sorted(choices.items()))}")
+
+
+if __name__ == "__main__":
+    main()
