@@ -36,14 +36,11 @@ METHODS = {
     "lrgptq-sketch": {"method": "lrgptq", "accumulator": "sketch", "sketch_size": 2048},
     # GPTVQ, 2-D int8 codebooks of 2^(2b) centroids per 192 columns x R rows (lrgptq.storage.vq_layer_bits):
     # b2 x 12 rows ≈ 2.13 bits/weight, b3 x 48 rows ≈ 3.11; on act-order GPTQ, and on the lrgptq route beneath
+    # (damp='auto' refuses vq_dim > 0 so far: no validated GPTVQ row)
     "gptvq-2.1": {"method": "gptq", "order": "act", "vq_dim": 2, "vq_group_cols": 192, "vq_group_rows": 12, "bits": 2},
     "gptvq-3.1": {"method": "gptq", "order": "act", "vq_dim": 2, "vq_group_cols": 192, "vq_group_rows": 48, "bits": 3},
     "gptvq-2.1-lrgptq": {"method": "lrgptq", "vq_dim": 2, "vq_group_cols": 192, "vq_group_rows": 12, "bits": 2},
     "gptvq-3.1-lrgptq": {"method": "lrgptq", "vq_dim": 2, "vq_group_cols": 192, "vq_group_rows": 48, "bits": 3},
-    "gptvq-2.1-auto": {"method": "lrgptq", "damp": "auto", "vq_dim": 2, "vq_group_cols": 192, "vq_group_rows": 12,
-                       "bits": 2},
-    "gptvq-3.1-auto": {"method": "lrgptq", "damp": "auto", "vq_dim": 2, "vq_group_cols": 192, "vq_group_rows": 48,
-                       "bits": 3},
     # issue 5: the clipping-free grid, Babai's back-to-front order on the exact QR, block LDLQ
     "gptq-noclip": {"method": "gptq", "grid": "noclip"},
     "babai": {"method": "gptq", "route": "ql", "accumulator": "qr", "order": "babai"},
@@ -84,7 +81,7 @@ if a["method"] != "fp32":
     out["clip_rate"] = sum(r["clip_rate"] * r["d_out"] * r["d"] for r in L) / n
     out["passes_max"] = max(r["grid_passes"] for r in L)
     out["layer_seconds"] = sum(r["seconds"] for r in L) / len(L)
-    out["layers"] = [{k: r[k] for k in ("name", "damp_chosen", "val_loss") if k in r} for r in L]
+    out["layers"] = [{k: r[k] for k in ("name", "damp_auto", "heldout_loss", "heldout_loss_default") if k in r} for r in L]
 out["ppl"] = lrgptq.perplexity(model, ids, a["window"], a["max_windows"])
 import resource
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
