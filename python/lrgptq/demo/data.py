@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 
@@ -77,11 +77,33 @@ def smollm2_dir() -> str:
 
 def load_demo_model() -> Tuple[Any, Any]:
     """(model, tokenizer) of SmolLM2-135M in float32, from the safetensors cache or the GGUF."""
+    return load_cached_gguf("smollm2-135m", lambda: (smollm2_dir(), SMOLLM2_GGUF))
+
+
+def load_model(name: str) -> Tuple[Any, Any]:
+    """(model, tokenizer) of a packaged real model by short name: ``smollm2`` or ``gemma3``."""
+    if name == "smollm2":
+        return load_demo_model()
+    if name == "gemma3":
+        from .gemma import load_gemma3
+
+        return load_gemma3()
+    raise ValueError(f"unknown demo model {name!r}; choose smollm2 or gemma3")
+
+
+def load_cached_gguf(cache_name: str, locate: Callable[[], Tuple[str, str]]) -> Tuple[Any, Any]:
+    """(model, tokenizer) in float32 from ``cache_dir()/cache_name`` (safetensors), built once from a GGUF.
+
+    ``locate()`` returns (folder, GGUF file name); it is called only when the cache is missing, so a
+    model whose package is gone still loads from its cache. transformers dequantizes the GGUF on load
+    (minutes); the dequantized weights are saved with the tokenizer, and the cache appears atomically.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = os.path.join(cache_dir(), "smollm2-135m")
+    cached = os.path.join(cache_dir(), cache_name)
     if not os.path.isfile(os.path.join(cached, "config.json")):
-        src, kw = smollm2_dir(), {"gguf_file": SMOLLM2_GGUF}
+        src, gguf_file = locate()
+        kw = {"gguf_file": gguf_file}
         tok = AutoTokenizer.from_pretrained(src, **kw)
         gguf_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
         cfg = gguf_model.config
@@ -90,6 +112,7 @@ def load_demo_model() -> Tuple[Any, Any]:
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
         staging = cached + ".partial"
+        shutil.rmtree(staging, ignore_errors=True)
         model.save_pretrained(staging)
         tok.save_pretrained(staging)
         shutil.rmtree(cached, ignore_errors=True)
