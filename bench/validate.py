@@ -68,30 +68,32 @@ def one_layer(W, X, cfg):
 
 @contextmanager
 def op_calls(counts: Counter, seconds: Counter):
-    """Counts the calls and seconds of each torch.ops.lrgptq op called through lrgptq.ops."""
+    """Counts the calls and seconds of each op wrapper of lrgptq.ops (they do not call each other)."""
+    import inspect
+
     from lrgptq import ops
 
-    real = ops._ops
+    saved = {n: f for n, f in vars(ops).items()
+             if inspect.isfunction(f) and f.__module__ == ops.__name__ and not n.startswith("_")}
 
-    class Timed:
-        def __getattr__(self, name):
-            op = getattr(real, name)
+    def timed(name, fn):
+        def call(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                counts[name] += 1
+                seconds[name] += time.perf_counter() - t0
 
-            def call(*a, **k):
-                t0 = time.perf_counter()
-                try:
-                    return op(*a, **k)
-                finally:
-                    counts[name] += 1
-                    seconds[name] += time.perf_counter() - t0
+        return call
 
-            return call
-
-    ops._ops = Timed()
+    for n, f in saved.items():
+        setattr(ops, n, timed(n, f))
     try:
         yield
     finally:
-        ops._ops = real
+        for n, f in saved.items():
+            setattr(ops, n, f)
 
 
 def main() -> None:
