@@ -5,10 +5,13 @@ the packaged SmolLM2-135M and Emma calibration windows.
 Per layer (the linears of --blocks, inputs captured from the float model): the seconds of
 factor + engine from the accumulated inputs, baseline vs auto (folds, candidate search on a row
 sample, final factor + engine), and the accumulation of the inputs (one accumulator vs two folds).
-End to end (--e2e): quantize_model with the baseline vs auto, on fresh copies of the model.
-Every line carries the load average; only the ratios are claims.
+End to end (--e2e): quantize_model with the baseline vs auto, on fresh copies of the model (cut to
+its first --e2e-blocks blocks when given), with the count and seconds of the lrgptq ops each side
+called. Every line carries the load average; only the ratios are claims. On a loaded box every op
+call pays a fixed cost for its threads' synchronisation (docs/benchmarks.md §6), so compare at
+--threads 1 as well.
 
-    python bench/validate.py --blocks 0,15 --e2e          # the figures of docs/benchmarks.md
+    python bench/validate.py --blocks 0 --e2e --e2e-blocks 3 --threads 1   # the figures of docs/benchmarks.md §6
     python bench/validate.py --blocks 0 --nsamples 2      # smoke run
 """
 
@@ -18,6 +21,7 @@ import argparse
 import copy
 import time
 from collections import Counter
+from contextlib import contextmanager
 
 import torch
 
@@ -62,6 +66,36 @@ def one_layer(W, X, cfg):
     return t1 - t0, time.perf_counter() - t1, res
 
 
+@contextmanager
+def op_calls(counts: Counter, seconds: Counter):
+    """Counts the calls and seconds of each op wrapper of lrgptq.ops (they do not call each other)."""
+    import inspect
+
+    from lrgptq import ops
+
+    saved = {n: f for n, f in vars(ops).items()
+             if inspect.isfunction(f) and f.__module__ == ops.__name__ and not n.startswith("_")}
+
+    def timed(name, fn):
+        def call(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                counts[name] += 1
+                seconds[name] += time.perf_counter() - t0
+
+        return call
+
+    for n, f in saved.items():
+        setattr(ops, n, timed(n, f))
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(ops, n, f)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="lrgptq", choices=["lrgptq", "gptq"])
@@ -70,6 +104,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--blocks", default="0,15")
     p.add_argument("--e2e", action="store_true", help="also quantize_model end to end")
+    p.add_argument("--e2e-blocks", type=int, default=0, help="end to end on the first N blocks (0: all)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     common.setup(args.threads)
@@ -82,10 +117,10 @@ def main() -> None:
     print("| layer | d_out x d | accumulate auto/base | factor+engine base s | auto s | ratio | chosen | "
           "held-out loss chosen/default | load |")
     print("|---|---|---|---|---|---|---|---|---|")
-    inputs = capture(model, ids, [int(b) for b in args.blocks.split(",")])
+    inputs = capture(model, ids, [int(b) for b in args.blocks.split(",") if b])
     tot_b = tot_a = 0.0
-    first = next(iter(inputs))  # warm-up: the first calls of the ops and of LAPACK, untimed
-    for cfg in (auto, base):
+    first = next(iter(inputs), None)  # warm-up: the first calls of the ops and of LAPACK, untimed
+    for cfg in (auto, base) if first else ():
         one_layer(model.model.layers[int(first.split(".")[0])].get_submodule(first.split(".", 1)[1]).weight.detach(),
                   inputs[first], cfg)
     for i, (key, X) in enumerate(inputs.items()):
@@ -104,17 +139,26 @@ def main() -> None:
         print(f"| {key} | {W.shape[0]}x{W.shape[1]} | {acc_a / acc_b:.2f} | {run_b:.2f} | {run_a:.2f} | "
               f"{(acc_a + run_a) / (acc_b + run_b):.2f} | {r['damp_auto']} | "
               f"{r['heldout_loss'][r['damp_auto']] / r['heldout_loss_default']:.3f} | {common.load()} |")
-    print(f"\nper-layer total (accumulate + factor + engine): auto/base = {tot_a / tot_b:.2f}  (load {common.load()})")
+    if tot_b:
+        print(f"\nper-layer total (accumulate + factor + engine): auto/base = {tot_a / tot_b:.2f}  "
+              f"(load {common.load()})")
     if args.e2e:
+        if args.e2e_blocks:
+            model.model.layers = model.model.layers[: args.e2e_blocks]
+            model.config.num_hidden_layers = args.e2e_blocks
         times, choices = {}, Counter()
         for label, cfg in (("auto", auto), ("base", base)):
             m = copy.deepcopy(model)
+            counts, secs = Counter(), Counter()
             t0 = time.perf_counter()
-            rep = lrgptq.quantize_model(m, ids, cfg, progress=False)
+            with op_calls(counts, secs):
+                rep = lrgptq.quantize_model(m, ids, cfg, progress=False)
             times[label] = time.perf_counter() - t0
             if label == "auto":
                 choices = Counter(r["damp_auto"] for r in rep.layers)
-            print(f"quantize_model {label}: {times[label]:.1f} s (load {common.load()})")
+            print(f"quantize_model {label} ({len(m.model.layers)} blocks): {times[label]:.1f} s "
+                  f"(load {common.load()}); ops: " + ", ".join(f"{k} {counts[k]}x {secs[k]:.2f} s"
+                                                             for k in sorted(counts)))
         print(f"end to end: auto/base = {times['auto'] / times['base']:.2f}; choices over "
               f"{sum(choices.values())} layers: {dict(sorted(choices.items()))}")
 
