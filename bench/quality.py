@@ -32,6 +32,7 @@ METHODS = {
     "gptq-act-mse": {"method": "gptq", "order": "act", "mse": True},  # the MSE grid search of the range
     "lrgptq": {"method": "lrgptq"},  # exact QR, SVD with spectral damping, pivoted order
     "lrgptq-auto": {"method": "lrgptq", "damp": "auto"},  # λ chosen per layer on held-out tokens
+    "gptq-act-auto": {"method": "gptq", "order": "act", "damp": "auto"},  # the same search on the cholesky route
     "lrgptq-undamped": {"method": "lrgptq", "damp": 0.0},
     "lrgptq-sketch": {"method": "lrgptq", "accumulator": "sketch", "sketch_size": 2048},
     # GPTVQ, 2-D int8 codebooks of 2^(2b) centroids per 192 columns x R rows (lrgptq.storage.vq_layer_bits):
