@@ -59,6 +59,11 @@ class Accumulator:
             self._state = torch.zeros(sketch_size, d, dtype=torch.float64, device=dev)
 
     @property
+    def device(self) -> torch.device:
+        """Where the state lives (read without flushing the batches not yet added)."""
+        return self._state.device
+
+    @property
     def state(self) -> torch.Tensor:
         """H, R or Y with every batch added so far."""
         self._flush()
@@ -146,6 +151,10 @@ class FoldedAccumulator:
         return self.train.tokens + self.held_out.tokens
 
     @property
+    def device(self) -> torch.device:
+        return self.train.device
+
+    @property
     def parts(self) -> tuple:
         return self.train, self.held_out
 
@@ -164,7 +173,7 @@ class FoldedAccumulator:
 
     def merged(self) -> Accumulator:
         """One accumulator of every token (the folds merged; neither fold is changed)."""
-        out = Accumulator(self.kind, self.d, device=self.train.state.device)
+        out = Accumulator(self.kind, self.d, device=self.device)
         out._state = self.train.state.clone()
         out.tokens = self.train.tokens
         return out.merge(self.held_out)

@@ -140,23 +140,26 @@ class Factor:
         return self if self.pending is None else self.pending.choose(weight, name)
 
 
+def _unfactored(acc: Union[Accumulator, FoldedAccumulator], route: str, report: dict,
+                pending: Optional[Any] = None) -> Factor:
+    """A factor of no columns in the identity order (rtn, or damp='auto' before it sees the weight)."""
+    return Factor(torch.arange(acc.d, device=acc.device), torch.empty(0, acc.d, device=acc.device), 0, None, False,
+                  route, report, pending)
+
+
 def factorize(acc: Union[Accumulator, FoldedAccumulator], config: QuantConfig) -> Factor:
     """Factors an accumulator with ``config``'s route; with no tokens, every column is rounded.
     With damp='auto' the factor waits for the weight (:meth:`Factor.for_weight`)."""
     if config.damp == AUTO and acc.tokens > 0:
         from . import validate
 
-        dev = acc.train.state.device if isinstance(acc, FoldedAccumulator) else acc.state.device
-        return Factor(torch.arange(acc.d, device=dev), torch.empty(0, acc.d, device=dev), 0, None, False,
-                      config.route, {}, pending=validate.search(acc, config))
+        return _unfactored(acc, config.route, {}, pending=validate.search(acc, config))
     route = config.route if acc.tokens > 0 else "rtn"
     report = {"route": route, "order": config.order, "accumulator": acc.kind, "tokens": acc.tokens}
     if route == "rtn":
         if acc.tokens == 0 and config.route != "rtn":
             report["note"] = "no calibration tokens reached this layer: rounded to nearest"
-        dev = acc.state.device
-        return Factor(torch.arange(acc.d, device=dev), torch.empty(0, acc.d, device=dev), 0, None, False, route,
-                      report)
+        return _unfactored(acc, route, report)
     f = ops.factor(
         acc.state, source=acc.kind, route=route, order=config.order, damp=config.damp, damp_ref=config.damp_ref,
         max_retries=config.max_retries, truncation=config.truncation, tau=config.tau, dtype=config.factor_dtype,

@@ -72,7 +72,7 @@ class Search:
                 parts = (self.folds.train,)
             else:
                 parts = (self.folds.held_out,)
-            acc = Accumulator("gram", self.folds.d, device=self.folds.train.state.device)
+            acc = Accumulator("gram", self.folds.d, device=self.folds.device)
             for part in parts:
                 if self.folds.kind == "gram":
                     acc._state += part.state
