@@ -16,11 +16,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "checks.h"
 
@@ -82,50 +84,52 @@ at::Tensor reverse_cols(const at::Tensor& A) { return A.flip({1}); }
 
 // The greedy pivot order of pivoted QR of B (columns of largest residual norm first), computed as
 // the pivoted Cholesky of G = BᵀB (LAPACK dpstrf's algorithm: panels of nb pivots chosen with
-// rank-1 updates of the residual diagonal, trailing matrix updated by one GEMM per panel).
+// rank-1 updates of the residual diagonal, trailing matrix updated by GEMMs per panel).
 // Same pivots as geqp3 in exact arithmetic; resolves residuals down to tol·max diag(G).
+// G is kept as its upper triangle, in position order: a pivot swaps positions j and q
+// symmetrically (row j ↔ row q right of q, row j ↔ column q between them, the diagonals), so row j
+// is read contiguously and the trailing update G₂₂ −= L₂₁L₂₁ᵀ touches only the upper triangle
+// (column blocks, half the flops of the square).
 // Returns (perm, number of pivots taken before the residual fell below tol).
 // The loop runs on the CPU whatever G's device (cuSOLVER has no pivoted QR): a CUDA G makes a
 // round trip of d×d doubles, and perm goes back to G's device. Every other step of the routes is
 // an ATen op, so on CUDA it runs on the GPU (cuSOLVER/cuBLAS).
-std::tuple<at::Tensor, int64_t> pivoted_order(at::Tensor G, int64_t kmax, double tol) {
-  const c10::Device device = G.device();
-  // Only read: each panel's trailing matrix is a new gathered copy, so the caller's G is never written.
-  G = G.to(at::kCPU, at::kDouble).contiguous();
-  const int64_t n = G.size(0), nb = 64;
+std::tuple<at::Tensor, int64_t> pivoted_order(const at::Tensor& G_in, int64_t kmax, double tol) {
+  const c10::Device device = G_in.device();
+  // A copy of its own: swapped and updated in place, so the caller's G is never written.
+  const at::Tensor G = G_in.to(at::kCPU, at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  const int64_t n = G.size(0), nb = 128, cb = 512;
   kmax = std::min(kmax, n);
-  // Everything below is indexed by position (the order so far: a pivot swaps positions j and q, as a
-  // symmetric swap of G would) except G itself, which is not swapped: row map[i] of the current G
-  // (the trailing matrix of the last panel, in that panel's final order) belongs to position i.
-  const at::Tensor diag = G.diagonal().contiguous();
-  std::vector<double> rd(diag.data_ptr<double>(), diag.data_ptr<double>() + n);
-  std::vector<int64_t> p(n), map(n);
-  for (int64_t i = 0; i < n; ++i) p[i] = map[i] = i;
+  double* g = G.data_ptr<double>();
+  std::vector<double> rd(n);  // residual diagonal by position
+  std::vector<int64_t> p(n);
+  for (int64_t i = 0; i < n; ++i) {
+    rd[i] = g[i * n + i];
+    p[i] = i;
+  }
   std::vector<double> panel(static_cast<size_t>(nb) * n);  // L's panel columns, row c = column j0 + c
   double* lp = panel.data();
-  const double* g = G.data_ptr<double>();
-  int64_t ng = n;
   const double stop = tol * std::max(*std::max_element(rd.begin(), rd.end()), 0.0);
   int64_t taken = 0;
   for (int64_t j0 = 0; j0 < kmax && taken == j0; j0 += nb) {
     const int64_t jend = std::min(j0 + nb, kmax);
     for (int64_t j = j0; j < jend; ++j) {
-      int64_t q = j;
-      for (int64_t i = j + 1; i < n; ++i)
-        if (rd[i] > rd[q]) q = i;
+      const int64_t q = std::max_element(rd.begin() + j, rd.end()) - rd.begin();  // first of the largest
       if (!(rd[q] > stop)) break;
-      if (q != j) {  // swap positions j and q
+      if (q != j) {  // swap positions j < q (rows above j are never read again)
         std::swap(rd[j], rd[q]);
         std::swap(p[j], p[q]);
-        std::swap(map[j], map[q]);
         for (int64_t c = 0; c < j - j0; ++c) std::swap(lp[c * n + j], lp[c * n + q]);
+        std::swap(g[j * n + j], g[q * n + q]);
+        for (int64_t i = j + 1; i < q; ++i) std::swap(g[j * n + i], g[i * n + q]);
+        std::swap_ranges(g + j * n + q + 1, g + j * n + n, g + q * n + q + 1);
       }
       const double ljj = std::sqrt(rd[j]);
-      const double* gj = g + map[j] * ng;  // G's column j = its row j (symmetric), contiguous
+      const double* gj = g + j * n;  // row j of the trailing G (upper triangle: columns > j)
       double* lj = lp + (j - j0) * n;
-      // L[i, j] = (G[i, j] − Σ_{l in panel, l<j} L[i, l] L[j, l]) / L[j, j]   (G already updated for earlier panels)
+      // L[i, j] = (G[j, i] − Σ_{l in panel, l<j} L[i, l] L[j, l]) / L[j, j]   (G already updated for earlier panels)
       at::parallel_for(j + 1, n, 512, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) lj[i] = gj[map[i]];
+        std::copy(gj + i0, gj + i1, lj + i0);
         for (int64_t c = 0; c < j - j0; ++c) {
           const double* lc = lp + c * n;
           const double a = lc[j];
@@ -138,16 +142,13 @@ std::tuple<at::Tensor, int64_t> pivoted_order(at::Tensor G, int64_t kmax, double
       });
       ++taken;
     }
-    if (taken == jend && jend < n) {  // trailing matrix G22 − L21 L21ᵀ, gathered into position order
-      const int64_t m = n - jend;
-      const at::Tensor idx = at::from_blob(map.data() + jend, {m}, at::kLong).clone();
-      at::Tensor Gn = G.index_select(0, idx).index_select(1, idx);
-      const at::Tensor L21 = at::from_blob(lp, {jend - j0, n}, at::kDouble).narrow(1, jend, m);
-      Gn.addmm_(L21.t(), L21, 1.0, -1.0);
-      G = Gn;
-      g = G.data_ptr<double>();
-      ng = m;
-      for (int64_t i = jend; i < n; ++i) map[i] = i - jend;
+    if (taken == jend && jend < n) {  // upper triangle of G₂₂ − L₂₁L₂₁ᵀ, by column blocks
+      const at::Tensor L21 = at::from_blob(lp, {jend - j0, n}, at::kDouble).narrow(1, jend, n - jend);
+      for (int64_t b0 = jend; b0 < n; b0 += cb) {
+        const int64_t b1 = std::min(b0 + cb, n);
+        at::Tensor block = G.narrow(0, jend, b1 - jend).narrow(1, b0, b1 - b0);
+        block.addmm_(L21.narrow(1, 0, b1 - jend).t(), L21.narrow(1, b0 - jend, b1 - b0), 1.0, -1.0);
+      }
     }
   }
   return {at::from_blob(p.data(), {n}, at::kLong).clone().to(device), taken};
@@ -174,20 +175,56 @@ at::Tensor sign_fix_rows(const at::Tensor& R) {
   return R * s.unsqueeze(1);
 }
 
+// G[idx][:, idx] for a symmetric G (a symmetric permutation): on the CPU one pass, row r of the
+// result is row idx[r] of G read at idx; elsewhere two index_selects.
+at::Tensor sym_gather(const at::Tensor& G, const at::Tensor& idx) {
+  if (!G.is_cpu()) return G.index_select(0, idx).index_select(1, idx);
+  const at::Tensor src = G.contiguous();
+  const at::Tensor ix = idx.to(at::kLong).contiguous();
+  const int64_t n = ix.size(0), ld = src.size(1);
+  at::Tensor out = at::empty({n, n}, src.options());
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "sym_gather", [&] {
+    const scalar_t* s = src.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t* k = ix.data_ptr<int64_t>();
+    at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* row = s + k[r] * ld;
+        for (int64_t c = 0; c < n; ++c) o[r * n + c] = row[k[c]];
+      }
+    });
+  });
+  return out;
+}
+
+// V⁻¹ for an upper-triangular V, by column blocks J = [j0, j1): U[:j1, J] solves
+// V[:j1, :j1] X = I[:j1, J], and U is zero below row j1 in J. d³/3 flops (LAPACK trtri's count)
+// instead of the d³ of one triangular solve against the whole identity.
+at::Tensor upper_inverse(const at::Tensor& V) {
+  const int64_t d = V.size(0), nb = 512;
+  at::Tensor U = at::zeros_like(V);
+  for (int64_t j0 = 0; j0 < d; j0 += nb) {
+    const int64_t j1 = std::min(j0 + nb, d);
+    at::Tensor rhs = at::zeros({j1, j1 - j0}, V.options());
+    rhs.narrow(0, j0, j1 - j0).diagonal().fill_(1);
+    U.narrow(0, 0, j1).narrow(1, j0, j1 - j0)
+        .copy_(at::linalg_solve_triangular(V.narrow(0, 0, j1).narrow(1, 0, j1), rhs, /*upper=*/true));
+  }
+  return U;
+}
+
 // U upper with diag U > 0 and G⁻¹ = UᵀU (unique), from Gr = J G J (J the reversal, so a permuted G
-// comes reversed from one index_select): Gr = C Cᵀ (Cholesky), V = J C J is upper with G = V Vᵀ, and
-// U = V⁻¹, so G⁻¹ = V⁻ᵀV⁻¹ = UᵀU. One Cholesky and one triangular solve: the same U as GPTQ's recipe
-// (Cholesky, inverse from the factor, second Cholesky) at the same cost (4/3·d³ flops: the solve's
-// identity right-hand side is dense), measured equal. Undefined when G is not numerically positive
-// definite (a non-positive pivot, or a non-finite U).
-at::Tensor inverse_factor(at::Tensor Gr) {
+// comes reversed from one gather): Gr = C Cᵀ (Cholesky), V = J C J is upper with G = V Vᵀ, and
+// U = V⁻¹, so G⁻¹ = V⁻ᵀV⁻¹ = UᵀU. One Cholesky and one triangular inverse (2/3·d³ flops; GPTQ's
+// recipe, Cholesky, inverse from the factor and a second Cholesky, is 4/3·d³). Undefined when G is
+// not numerically positive definite (a non-positive pivot, or a non-finite U).
+at::Tensor inverse_factor(const at::Tensor& Gr) {
   auto [C, info] = at::linalg_cholesky_ex(Gr);
-  Gr.reset();
   if (info.item<int64_t>() != 0) return {};
   const at::Tensor V = C.flip({0, 1});
   C.reset();
-  at::Tensor U = at::linalg_solve_triangular(V, at::eye(V.size(0), V.options()), /*upper=*/true).triu_();
-  if (!at::isfinite(U).all().item<bool>()) return {};
+  at::Tensor U = upper_inverse(V);
+  if (!std::isfinite(U.sum().item<double>())) return {};  // a NaN or an infinity anywhere reaches the sum
   return U;
 }
 
@@ -240,16 +277,15 @@ FactorOut factor_cholesky(const at::Tensor& A, Source src, c10::string_view orde
   H.diagonal().masked_fill_(dead, 1.0);  // dead features: H_jj = 1 (their W columns are zeroed by the caller)
   int64_t pivots = d;
   const at::Tensor perm = order_perm(order, H.diagonal(), H, d, pivots);
-  const at::Tensor rp = perm.flip({0});
-  H = H.index_select(0, rp).index_select(1, rp);  // J H_p J, what inverse_factor takes
-  const double ref = damp_reference(H.diagonal(), damp_ref);
+  H = sym_gather(H, perm.flip({0}));  // J H_p J, what inverse_factor takes
+  const at::Tensor diag = H.diagonal().clone();
+  const double ref = damp_reference(diag, damp_ref);
   double lambda = damp * ref;
   at::Tensor U;
   int64_t retries = 0;
   for (;; ++retries) {
-    at::Tensor Hl = H.clone();
-    Hl.diagonal().add_(lambda);
-    U = inverse_factor(std::move(Hl));
+    H.diagonal().copy_(diag + lambda);
+    U = inverse_factor(H);
     if (U.defined()) break;
     TORCH_CHECK(retries < max_retries, "lrgptq.factor: Cholesky of H + λI failed ", retries + 1,
                 " times (last λ = ", lambda, ", ", lambda / ref,
@@ -326,11 +362,13 @@ std::optional<FactorOut> factor_svdqr_full(const at::Tensor& A, Source src, c10:
   } else {
     perm = order_perm(order, diagH, at::Tensor(), d, pivots);
   }
-  const at::Tensor rp = perm.flip({0});
-  at::Tensor U = inverse_factor(G.index_select(0, rp).index_select(1, rp));
+  at::Tensor U = inverse_factor(sym_gather(G, perm.flip({0})));
   if (!U.defined()) return std::nullopt;
-  const double smax2 = top_eigenvalue([&](const at::Tensor& v) { return at::mv(G, v); }, d, G.options());
-  const double sinv2 = top_eigenvalue([&](const at::Tensor& v) { return at::mv(U.t(), at::mv(U, v)); }, d, U.options());
+  // The report's σ̃_1² = λ_max(G) and 1/σ̃_d² = λ_max(UᵀU): estimates, so in float32 (half the reads).
+  const at::Tensor Gf = G.to(at::kFloat), Uf = U.to(at::kFloat);
+  G.reset();
+  const double smax2 = top_eigenvalue([&](const at::Tensor& v) { return at::mv(Gf, v); }, d, Gf.options());
+  const double sinv2 = top_eigenvalue([&](const at::Tensor& v) { return at::mv(Uf.t(), at::mv(Uf, v)); }, d, Uf.options());
   return FactorOut{perm, U, d, dead, lambda, 0, std::sqrt(smax2), 1.0 / std::sqrt(sinv2), false, pivots};
 }
 

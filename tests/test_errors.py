@@ -44,7 +44,8 @@ def test_quant_config_names_field_value_and_allowed(field, value, allowed):
 
 def test_quant_config_defaults_are_valid():
     c = lrgptq.QuantConfig()
-    assert (c.bits, c.group_size, c.route, c.order, c.accumulator, c.block_size) == (4, 128, "svdqr", "pivot", "qr", 128)
+    assert (c.bits, c.group_size, c.route, c.order, c.accumulator, c.block_size) == (4, 128, "svdqr", "pivot", "gram", 128)
+    assert c == lrgptq.QuantConfig.for_method("lrgptq")  # quantize_model's default is the lrgptq preset
     assert c.compute_dtype == torch.float32
     for route in ("cholesky", "svdqr", "ql", "rtn"):
         lrgptq.QuantConfig(route=route, bits=8, group_size=-1, sym=True, mse=True, static_groups=True)

@@ -143,17 +143,19 @@ def test_cholesky_from_R_equals_from_H(gen, d):
     assert relerr(c.U, factor(full.T @ full, "gram", "cholesky", "identity", damp=0.01).U) < 1e-10
 
 
-def test_cholesky_matches_gptqs_recipe(gen):
-    """U = V⁻¹ with H_λ = VVᵀ (one Cholesky, one triangular solve) is GPTQ's
-    chol_upper(cholesky_inverse(chol(H_λ))) to rounding, on an ill-conditioned H."""
-    d = 64
+@pytest.mark.parametrize("d,order", [(64, "identity"), (1100, "act"), (700, "pivot")])
+def test_cholesky_matches_gptqs_recipe(gen, d, order):
+    """U = V⁻¹ with H_λ = VVᵀ (one Cholesky, a triangular inverse by 512-column blocks, so d = 700
+    and 1100 cross block edges) is GPTQ's chol_upper(cholesky_inverse(chol(H_λ))) in the same order
+    to rounding, on an ill-conditioned H."""
     X = ill_X(gen, 2 * d, d, 1e4)[0]
     H = X.T @ X
-    f = factor(H, "gram", "cholesky", "identity", damp=0.01)
-    Hl = H + f.damp_lambda * torch.eye(d, dtype=F64)
+    f = factor(H, "gram", "cholesky", order, damp=0.01)
+    p = f.perm
+    Hl = (H + f.damp_lambda * torch.eye(d, dtype=F64))[p][:, p]
     gptq = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hl)), upper=True)
     k = torch.linalg.cond(Hl).item()
-    assert relerr(f.U, gptq) < 4 * d * U64 * k
+    assert torch.equal(f.U, f.U.triu()) and relerr(f.U, gptq) < 4 * d * U64 * k
 
 
 # ----------------------------------------------------------------------------- named outputs

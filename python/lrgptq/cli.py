@@ -36,9 +36,9 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     (or the --method preset), so only the options given on the command line are passed on."""
     g = p.add_argument_group("quantization")
     g.add_argument("--method", choices=sorted(METHODS), default="lrgptq",
-                   help="preset: gptq = Cholesky of the damped H (as published); lrgptq = exact streaming QR, "
-                        "SVD with spectral damping and truncation, pivoted order (never fails); rtn = round to "
-                        "nearest (default: %(default)s)")
+                   help="preset: gptq = Cholesky of the damped H (as published); lrgptq = the svdqr route "
+                        "(spectral damping, truncation where it can bite, pivoted order; never fails); rtn = "
+                        "round to nearest (default: %(default)s)")
     preset = set().union(*METHODS.values())
     for f in fields(QuantConfig):
         meta = f.metadata

@@ -19,7 +19,7 @@ COMPUTE_DTYPES = (torch.float32, torch.float64)
 VQ_DIMS = (0,) + limits.VQ_DIMS  # 0: the scalar grid
 METHODS = {
     "gptq": {"route": "cholesky", "accumulator": "gram", "order": "identity"},
-    "lrgptq": {"route": "svdqr", "accumulator": "qr", "order": "pivot"},
+    "lrgptq": {"route": "svdqr", "accumulator": "gram", "order": "pivot"},
     "rtn": {"route": "rtn", "accumulator": "gram", "order": "identity"},
 }
 
@@ -75,7 +75,8 @@ class QuantConfig:
                           "ql (exact, no inverse), rtn (round to nearest)", ROUTES)
     order: str = _setting("pivot", "column order: identity, act (diag H), pivot (pivoted QR), babai (back to front)",
                           ORDERS)
-    accumulator: str = _setting("qr", "what is kept of the inputs: H (gram), R (qr), or a sketch Y", ACCUMULATORS)
+    accumulator: str = _setting("gram", "what is kept of the inputs: H (gram), R (qr, exact: what svdqr needs where it "
+                                "truncates), or a sketch Y", ACCUMULATORS)
     sketch_size: Optional[int] = _setting(None, "rows m of the sketch (accumulator sketch)", value_type=int)
     sketch_kind: str = _setting("sparse", "sketch: sparse sign or gaussian", SKETCH_KINDS)
     zeta: int = _setting(8, "sparse sketch: nonzeros per token")
@@ -204,8 +205,8 @@ class QuantConfig:
 
     @classmethod
     def for_method(cls, method: str, **overrides: Any) -> "QuantConfig":
-        """Presets: ``gptq`` (cholesky route on H, as published), ``lrgptq`` (svdqr on the exact
-        streaming QR, pivoted order) and ``rtn`` (round to nearest); ``overrides`` win."""
+        """Presets: ``gptq`` (cholesky route on H, as published), ``lrgptq`` (svdqr on H, pivoted
+        order: at its damping svdqr provably truncates nothing, so the exact QR would buy nothing) and ``rtn`` (round to nearest); ``overrides`` win."""
         if method not in METHODS:
             raise _bad("method", method, "one of " + ", ".join(repr(m) for m in METHODS))
         return cls(**{**METHODS[method], **overrides})
