@@ -122,11 +122,12 @@ def test_qr_with_damped_start(gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_gram_update(gen, dtype):
-    X = rand_X(gen, 60, 16).to(dtype).reshape(3, 20, 16)  # (..., d)
+@pytest.mark.parametrize("d", [16, 600])  # 600: upper-triangle panels of 256 columns, mirrored
+def test_gram_update(gen, dtype, d):
+    X = rand_X(gen, 60, d).to(dtype).reshape(3, 20, d)  # (..., d)
     H = gram(X[0])
     gram(X[1:], H)
-    assert H.dtype == F64
+    assert H.dtype == F64 and torch.equal(H, H.T)
     rtol = 1e-12 if dtype == F64 else 1e-5
     torch.testing.assert_close(H, ref.gram(X), rtol=rtol, atol=rtol * ref.gram(X).abs().max().item())
 
