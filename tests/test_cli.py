@@ -252,3 +252,17 @@ def test_warnings_are_lines_of_the_output(tmp_path, model_dir, calib_text, capsy
         assert [line for line in err if line.startswith("lrgptq quantize: warning: ") and said in line], err
     assert cli.main(argv + ["--skip", "proj"]) == 0
     assert "warning: no layer was quantized" in capsys.readouterr().err
+
+
+def test_perplexity_under_bfloat16_autocast():
+    """The demo's evaluation under bfloat16 autocast: the matmuls round to bfloat16 (so the value
+    moves, a little), the weights stay float32, and an autocast dtype that is not a half type is refused."""
+    torch.manual_seed(0)
+    model = ARCHS["llama"]().eval()
+    ids = torch.randint(0, VOCAB, (1, 256))
+    fp32 = lrgptq.perplexity(model, ids, 64, 4)
+    bf16 = lrgptq.perplexity(model, ids, 64, 4, autocast=torch.bfloat16)
+    assert fp32 != bf16 and abs(bf16 / fp32 - 1) < 0.02
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ValueError, match="autocast must be None, torch.bfloat16 or torch.float16"):
+        lrgptq.perplexity(model, ids, 64, 4, autocast=torch.float64)

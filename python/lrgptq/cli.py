@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--nsamples", type=int, default=8, help="calibration windows")
     d.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
     d.add_argument("--window", type=int, default=512, help="perplexity window (tokens)")
-    d.add_argument("--max-windows", type=int, default=24, help="perplexity windows")
+    d.add_argument("--max-windows", type=int, default=20, help="perplexity windows")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import Callable, Dict, List, Optional
 
+import torch
+
 from ..calib import text_windows
 from ..config import QuantConfig
 from ..eval import perplexity
@@ -30,13 +32,23 @@ METHODS: Dict[str, Callable[[int, int, int], QuantConfig]] = {
 DEFAULT_METHODS = list(METHODS)
 
 
+def fast_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 matmul units (AVX512-BF16 or AMX), where bfloat16 autocast
+    runs the evaluation's forward passes about twice as fast as float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and (
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def run_demo(
     bits: List[int],
     methods: List[str],
     nsamples: int = 8,
     seqlen: int = 512,
     window: int = 512,
-    max_windows: Optional[int] = 24,
+    max_windows: Optional[int] = 20,
     group_size: int = 128,
     seed: int = 0,
 ) -> List[dict]:
@@ -47,11 +59,18 @@ def run_demo(
     model, tok = load_demo_model()
     calib = text_windows(books[CALIB_BOOK], tok, nsamples, seqlen, seed)
     eval_ids = tok(books[EVAL_BOOK], return_tensors="pt")["input_ids"]
+    # The evaluation is most of the demo's time: on CPUs with bfloat16 units its forward passes run
+    # under bfloat16 autocast (SmolLM2's fp32 perplexity moves by 0.05 %, docs/benchmarks.md §1.4).
+    autocast = torch.bfloat16 if fast_bfloat16() else None
     print(f"model SmolLM2-135M (GGUF Q4_1 dequantized to fp32: a 4-bit source, so 4-bit rows flatter round to "
           f"nearest); calibration: {nsamples}x{seqlen} tokens of '{CALIB_BOOK}'; perplexity: '{EVAL_BOOK}', "
-          f"{max_windows} windows of {window}; scalar grids g{group_size} asymmetric")
-    rows = [{"method": "fp32", "bits": 16, "bpw": 16.0, "ppl": perplexity(model, eval_ids, window, max_windows),
-             "seconds": 0.0}]
+          f"{max_windows} windows of {window}{', forward passes in bfloat16 autocast' if autocast else ''}; "
+          f"scalar grids g{group_size} asymmetric")
+
+    def ppl() -> float:
+        return perplexity(model, eval_ids, window, max_windows, autocast=autocast)
+
+    rows = [{"method": "fp32", "bits": 16, "bpw": 16.0, "ppl": ppl(), "seconds": 0.0}]
     print(_row(rows[0]))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for b in bits:
@@ -63,7 +82,7 @@ def run_demo(
             seconds = time.perf_counter() - t0
             bpw = bits_per_weight(cfg, [(r["d_out"], r["d"]) for r in report.layers])
             rows.append({"method": method, "bits": b, "bpw": bpw,
-                         "ppl": perplexity(model, eval_ids, window, max_windows), "seconds": seconds})
+                         "ppl": ppl(), "seconds": seconds})
             print(_row(rows[-1]))
     model.load_state_dict(state)
     return rows
