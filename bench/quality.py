@@ -30,9 +30,11 @@ METHODS = {
     "gptq-act-static": {"method": "gptq", "order": "act", "static_groups": True},
     "gptq": {"method": "gptq"},  # cholesky of H + λI, identity order (desc_act=False), as published
     "gptq-act-mse": {"method": "gptq", "order": "act", "mse": True},  # the MSE grid search of the range
-    "lrgptq": {"method": "lrgptq"},  # exact QR, SVD with spectral damping, pivoted order
+    "lrgptq": {"method": "lrgptq"},  # the preset: svdqr on H, spectral damping 0.01 (no truncation), pivoted order
     "lrgptq-auto": {"method": "lrgptq", "damp": "auto"},  # λ chosen per layer on held-out tokens
     "gptq-act-auto": {"method": "gptq", "order": "act", "damp": "auto"},  # the same search on the cholesky route
+    "lrgptq-mse": {"method": "lrgptq", "mse": True},  # the preset with the MSE grid search
+    "lrgptq-auto-mse": {"method": "lrgptq", "damp": "auto", "mse": True},
     "lrgptq-undamped": {"method": "lrgptq", "damp": 0.0},
     "lrgptq-sketch": {"method": "lrgptq", "accumulator": "sketch", "sketch_size": 2048},
     # GPTVQ, 2-D int8 codebooks of 2^(2b) centroids per 192 columns x R rows (lrgptq.storage.vq_layer_bits):
