@@ -10,7 +10,8 @@ asymmetric, block 128. Every route gets the same W and X in the same run.
   ``fasterquant``: dead columns, H + 0.01·mean(diag H)·I, cholesky → cholesky_inverse →
   cholesky(upper)), then bench/gptq_baseline.fasterquant (its inner loop).
 - gptq: QuantConfig.for_method("gptq") (gram accumulator, route cholesky, identity order).
-- lrgptq: QuantConfig.for_method("lrgptq") (qr accumulator, route svdqr, pivot order, rel τ = 1e-4).
+- lrgptq: QuantConfig.for_method("lrgptq") (gram accumulator, route svdqr, pivot order, rel τ = 1e-4;
+  until 2026-12-02 the preset's accumulator was the exact QR).
 Ours go through lrgptq.factorize and lrgptq.quantize_linear (the library's path for one layer). The
 factor rows also time each route with the other factor dtype.
 
@@ -191,7 +192,8 @@ def main() -> None:
           lambda r: cell(r, "lrgptq").end_to_end)
     ratio("lrgptq / gptq, end to end", lambda r: cell(r, "lrgptq").end_to_end, lambda r: cell(r, "gptq").end_to_end)
     ratio("svdqr / cholesky, factor", lambda r: cell(r, "lrgptq").factor, lambda r: cell(r, "gptq").factor)
-    ratio("lrgptq / gptq, accumulate (qr / gram)", lambda r: cell(r, "lrgptq").accumulate,
+    kinds = f"{cfgs['lrgptq'].accumulator} / {cfgs['gptq'].accumulator}"
+    ratio(f"lrgptq / gptq, accumulate ({kinds})", lambda r: cell(r, "lrgptq").accumulate,
           lambda r: cell(r, "gptq").accumulate)
     ratio("lrgptq / gptq, layer loss", lambda r: r["losses"]["lrgptq"], lambda r: r["losses"]["gptq"])
     common.table(head, rows)
