@@ -26,6 +26,13 @@
 
 #include "checks.h"
 
+// LAPACK's Cholesky as libtorch_cpu exports it (how ATen's BatchLinearAlgebra.cpp declares it), weak:
+// a torch built without these symbols leaves them null and cholesky_lower takes the ATen op.
+extern "C" {
+void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info) __attribute__((weak));
+void spotrf_(const char* uplo, const int* n, float* a, const int* lda, int* info) __attribute__((weak));
+}
+
 namespace lrgptq {
 namespace {
 
@@ -213,15 +220,40 @@ at::Tensor upper_inverse(const at::Tensor& V) {
   return U;
 }
 
+// C lower with Gr = C Cᵀ (the Cholesky factor), undefined when Gr is not numerically positive
+// definite; C's strict upper triangle is not zeroed (the callers read C's lower triangle only). On the
+// CPU, LAPACK's potrf in place on a copy: Gr is symmetric, so its row-major storage is its
+// column-major storage, and the column-major lower factor read row-major is Cᵀ. That skips what
+// linalg_cholesky_ex adds around potrf (a column-major copy, zeroing a triangle of that column-major
+// result, the info tensor): a quarter of its time at d = 1536.
+at::Tensor cholesky_lower(const at::Tensor& Gr) {
+  const int64_t n = Gr.size(0);
+  const bool dbl = Gr.scalar_type() == at::kDouble;
+  if (!Gr.is_cpu() || n > std::numeric_limits<int>::max() || (dbl ? dpotrf_ == nullptr : spotrf_ == nullptr) ||
+      !(dbl || Gr.scalar_type() == at::kFloat)) {
+    auto [C, info] = at::linalg_cholesky_ex(Gr);
+    return info.item<int64_t>() == 0 ? C : at::Tensor();
+  }
+  at::Tensor A = Gr.clone(at::MemoryFormat::Contiguous);
+  const int ni = static_cast<int>(n);
+  const char uplo = 'L';
+  int info = 0;
+  if (dbl)
+    dpotrf_(&uplo, &ni, A.data_ptr<double>(), &ni, &info);
+  else
+    spotrf_(&uplo, &ni, A.data_ptr<float>(), &ni, &info);
+  return info == 0 ? A.t() : at::Tensor();
+}
+
 // U upper with diag U > 0 and G⁻¹ = UᵀU (unique), from Gr = J G J (J the reversal, so a permuted G
 // comes reversed from one gather): Gr = C Cᵀ (Cholesky), V = J C J is upper with G = V Vᵀ, and
 // U = V⁻¹, so G⁻¹ = V⁻ᵀV⁻¹ = UᵀU. One Cholesky and one triangular inverse (2/3·d³ flops; GPTQ's
 // recipe, Cholesky, inverse from the factor and a second Cholesky, is 4/3·d³). Undefined when G is
 // not numerically positive definite (a non-positive pivot, or a non-finite U).
 at::Tensor inverse_factor(const at::Tensor& Gr) {
-  auto [C, info] = at::linalg_cholesky_ex(Gr);
-  if (info.item<int64_t>() != 0) return {};
-  const at::Tensor V = C.flip({0, 1});
+  at::Tensor C = cholesky_lower(Gr);
+  if (!C.defined()) return {};
+  const at::Tensor V = C.flip({0, 1}).triu_();  // C's unread strict upper triangle lands below: zeroed
   C.reset();
   at::Tensor U = upper_inverse(V);
   if (!std::isfinite(U.sum().item<double>())) return {};  // a NaN or an infinity anywhere reaches the sum
