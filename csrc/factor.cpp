@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "clones.h"
 
 // LAPACK's Cholesky as libtorch_cpu exports it (how ATen's BatchLinearAlgebra.cpp declares it), weak:
 // a torch built without these symbols leaves them null and cholesky_lower takes the ATen op.
@@ -89,6 +90,24 @@ at::Tensor root_of(const at::Tensor& A, Source src) {
 
 at::Tensor reverse_cols(const at::Tensor& A) { return A.flip({1}); }
 
+// Column j of the pivoted Cholesky factor over rows [i0, i1), from the panel's m earlier columns
+// (rows of lp, each n long): L[i, j] = (G[j, i] − Σ_{c<m} L[i, c] L[j, c]) / L[j, j] (G already
+// updated for earlier panels), and the residual diagonal rd[i] −= L[i, j]². Vectorised per clone;
+// no FMA contraction (-ffp-contract=off), so every clone rounds alike.
+LRGPTQ_CLONES void pivot_column(const double* gj, const double* lp, int64_t n, int64_t m, int64_t j, double ljj,
+                                double* __restrict lj, double* __restrict rd, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) lj[i] = gj[i];
+  for (int64_t c = 0; c < m; ++c) {
+    const double* __restrict lc = lp + c * n;
+    const double a = lc[j];
+    for (int64_t i = i0; i < i1; ++i) lj[i] -= lc[i] * a;
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    lj[i] /= ljj;
+    rd[i] -= lj[i] * lj[i];
+  }
+}
+
 // The greedy pivot order of pivoted QR of B (columns of largest residual norm first), computed as
 // the pivoted Cholesky of G = BᵀB (LAPACK dpstrf's algorithm: panels of nb pivots chosen with
 // rank-1 updates of the residual diagonal, trailing matrix updated by GEMMs per panel).
@@ -134,18 +153,8 @@ std::tuple<at::Tensor, int64_t> pivoted_order(const at::Tensor& G_in, int64_t km
       const double ljj = std::sqrt(rd[j]);
       const double* gj = g + j * n;  // row j of the trailing G (upper triangle: columns > j)
       double* lj = lp + (j - j0) * n;
-      // L[i, j] = (G[j, i] − Σ_{l in panel, l<j} L[i, l] L[j, l]) / L[j, j]   (G already updated for earlier panels)
       at::parallel_for(j + 1, n, 512, [&](int64_t i0, int64_t i1) {
-        std::copy(gj + i0, gj + i1, lj + i0);
-        for (int64_t c = 0; c < j - j0; ++c) {
-          const double* lc = lp + c * n;
-          const double a = lc[j];
-          for (int64_t i = i0; i < i1; ++i) lj[i] -= lc[i] * a;
-        }
-        for (int64_t i = i0; i < i1; ++i) {
-          lj[i] /= ljj;
-          rd[i] -= lj[i] * lj[i];
-        }
+        pivot_column(gj, lp, n, j - j0, j, ljj, lj, rd.data(), i0, i1);
       });
       ++taken;
     }
