@@ -66,9 +66,11 @@ model, tok = load_model(a["model"])
 ids = tok(books[EVAL_BOOK], return_tensors="pt")["input_ids"]
 out = {}
 if a["method"] != "fp32":
-    calib = text_windows(books[CALIB_BOOK], tok, a["nsamples"], a["seqlen"], 0)
+    seed = a.get("seed", 0)
+    calib = text_windows(books[CALIB_BOOK], tok, a["nsamples"], a["seqlen"], seed)
     kw = {k: v for k, v in a["cfg"].items() if k not in ("method", "bits")}
-    cfg = lrgptq.QuantConfig.for_method(a["cfg"]["method"], bits=a["bits"], group_size=a["group_size"], sym=a["sym"], **kw)
+    cfg = lrgptq.QuantConfig.for_method(a["cfg"]["method"], bits=a["bits"], group_size=a["group_size"], sym=a["sym"],
+                                        seed=seed, **kw)
     t = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -93,9 +95,12 @@ print("RESULT " + json.dumps(out))
 
 
 def spec_of(args: argparse.Namespace, method: str, bits: int, sym: bool, nsamples: int) -> dict:
-    return {"model": getattr(args, "model", "smollm2"), "method": method, "cfg": METHODS.get(method, {}),
+    spec = {"model": getattr(args, "model", "smollm2"), "method": method, "cfg": METHODS.get(method, {}),
             "bits": bits, "group_size": args.group_size, "sym": sym, "nsamples": nsamples, "seqlen": args.seqlen,
             "window": args.window, "max_windows": args.max_windows}
+    if getattr(args, "seed", 0) and method != "fp32":  # seed 0's rows keep the specs they were recorded with
+        spec["seed"] = args.seed
+    return spec
 
 
 def run_one(args: argparse.Namespace, method: str, bits: int, sym: bool, nsamples: int) -> dict:
@@ -133,12 +138,13 @@ def main() -> None:
     p.add_argument("--low-data", type=int, default=0,
                    help="also run 3 bits with this many calibration windows (N < d: fewer tokens than inputs)")
     p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (and of the config)")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--results", help="JSON-lines file: every row is appended; rows already there are reused")
     args = p.parse_args()
     t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    print(f"# {t0}; {MODEL_NAMES[args.model]}; calib {args.nsamples}x{args.seqlen} tokens of Emma; "
+    print(f"# {t0}; {MODEL_NAMES[args.model]}; calib {args.nsamples}x{args.seqlen} tokens of Emma (seed {args.seed}); "
           f"ppl on Persuasion, {args.max_windows} windows of {args.window}; g{args.group_size} "
           f"{'sym' if args.sym else 'asym'}; load {os.getloadavg()[0]:.2f}")
     fp = run_one(args, "fp32", 16, args.sym, args.nsamples)["ppl"]
