@@ -13,25 +13,16 @@
 
 #include "checks.h"
 #include "cuda_ops.h"
+#include "gram.h"
 #include "sketch_rng.h"
 
 namespace lrgptq {
 namespace {
 
-// H += X_bᵀ X_b, in H's dtype (float64 by default). H is symmetric, so only its upper triangle is
-// computed, by column panels J = [j0, j1): H[:j1, J] += X_b[:, :j1]ᵀ X_b[:, J] (half the flops of
-// the square GEMM), and mirrored below: H stays exactly symmetric.
+// H += X_bᵀ X_b, in H's dtype (float64 by default), on H's upper triangle, mirrored (gram.h).
 void gram_update(at::Tensor H, const at::Tensor& X) {
   check_state(H, "gram_update", "H", H.size(0));
-  const at::Tensor Xb = as_rows(X, H.size(1), H.scalar_type(), "gram_update");
-  const int64_t d = H.size(0), nb = 256;
-  for (int64_t j0 = 0; j0 < d; j0 += nb) {
-    const int64_t w = std::min(nb, d - j0), j1 = j0 + w;
-    H.narrow(0, 0, j1).narrow(1, j0, w).addmm_(Xb.narrow(1, 0, j1).t(), Xb.narrow(1, j0, w));
-    at::Tensor diag = H.narrow(0, j0, w).narrow(1, j0, w);
-    diag.copy_(at::triu(diag) + at::triu(diag, 1).t());
-    H.narrow(0, j0, w).narrow(1, 0, j0).copy_(H.narrow(0, 0, j0).narrow(1, j0, w).t());
-  }
+  gram_upper(H, as_rows(X, H.size(1), H.scalar_type(), "gram_update"), /*triangular=*/false, /*beta=*/1.0);
 }
 
 // ---------------------------------------------------------------- qr: R <- R-factor of [R; X_b]

@@ -26,6 +26,7 @@
 
 #include "checks.h"
 #include "clones.h"
+#include "gram.h"
 
 // LAPACK's Cholesky as libtorch_cpu exports it (how ATen's BatchLinearAlgebra.cpp declares it), weak:
 // a torch built without these symbols leaves them null and cholesky_lower takes the ATen op.
@@ -51,18 +52,10 @@ Source parse_source(c10::string_view s) {
   TORCH_CHECK(false, "lrgptq.factor: source must be 'gram', 'qr' or 'sketch', got '", s, "'");
 }
 
-// RᵀR for an upper-triangular R, a third of the GEMM's flops: column panel J of the lower
-// triangle is G[J₀:, J] = R[:J₁, J₀:]ᵀ R[:J₁, J] (R's rows past J₁ are zero in J), mirrored above.
+// RᵀR for an upper-triangular R, a third of the GEMM's flops (gram.h).
 at::Tensor upper_gram(const at::Tensor& R) {
-  const int64_t d = R.size(0), nb = 256;
   at::Tensor G = at::empty_like(R);
-  for (int64_t j0 = 0; j0 < d; j0 += nb) {
-    const int64_t j1 = std::min(j0 + nb, d);
-    at::Tensor Rj = R.narrow(0, 0, j1);
-    at::Tensor panel = G.narrow(1, j0, j1 - j0).narrow(0, j0, d - j0);
-    at::mm_out(panel, Rj.narrow(1, j0, d - j0).t(), Rj.narrow(1, j0, j1 - j0));
-    G.narrow(0, j0, j1 - j0).narrow(1, j1, d - j1).copy_(panel.narrow(0, j1 - j0, d - j1).t());  // mirror
-  }
+  gram_upper(G, R, /*triangular=*/true, /*beta=*/0.0);
   return G;
 }
 
@@ -409,7 +402,8 @@ std::optional<FactorOut> factor_svdqr_full(const at::Tensor& A, Source src, c10:
   const at::Tensor Gf = G.to(at::kFloat), Uf = U.to(at::kFloat);
   G.reset();
   const double smax2 = top_eigenvalue([&](const at::Tensor& v) { return at::mv(Gf, v); }, d, Gf.options());
-  const double sinv2 = top_eigenvalue([&](const at::Tensor& v) { return at::mv(Uf.t(), at::mv(Uf, v)); }, d, Uf.options());
+  const double sinv2 =
+      top_eigenvalue([&](const at::Tensor& v) { return at::mv(Uf.t(), at::mv(Uf, v)); }, d, Uf.options());
   return FactorOut{perm, U, d, dead, lambda, 0, std::sqrt(smax2), 1.0 / std::sqrt(sinv2), false, pivots};
 }
 

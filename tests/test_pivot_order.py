@@ -1,7 +1,8 @@
-"""The pivot order of factor(order="pivot") (csrc/factor.cpp `pivoted_order`: blocked, no
-symmetric swaps of G) against an unblocked float64 pivoted Cholesky with symmetric swaps (the
-algorithm as it was), on shapes that cross its 128-pivot panels: the same order wherever the
-residuals are not within rounding of a tie, the same number of pivots, U from that order."""
+"""The pivot order of factor(order="pivot") (csrc/factor.cpp `pivoted_order`: blocked, symmetric
+swaps on G's upper triangle, trailing updates by GEMMs) against an unblocked float64 pivoted
+Cholesky with symmetric swaps of the whole G, on shapes that cross its 128-pivot panels: the same
+order wherever the residuals are not within rounding of a tie, the same number of pivots, U from
+that order."""
 import pytest
 import torch
 

@@ -206,7 +206,8 @@ class QuantConfig:
     @classmethod
     def for_method(cls, method: str, **overrides: Any) -> "QuantConfig":
         """Presets: ``gptq`` (cholesky route on H, as published), ``lrgptq`` (svdqr on H, pivoted
-        order: at its damping svdqr provably truncates nothing, so the exact QR would buy nothing) and ``rtn`` (round to nearest); ``overrides`` win."""
+        order: at its damping svdqr provably truncates nothing, so the exact QR would buy nothing)
+        and ``rtn`` (round to nearest); ``overrides`` win."""
         if method not in METHODS:
             raise _bad("method", method, "one of " + ", ".join(repr(m) for m in METHODS))
         return cls(**{**METHODS[method], **overrides})
