@@ -27,6 +27,7 @@
 #include "cuda_ops.h"
 #include "engine_common.h"
 #include "gptq_blocks.h"
+#include "mse_search.h"
 #include "quantizer.h"
 
 namespace lrgptq {
@@ -70,7 +71,16 @@ struct Problem {
   template <typename At>
   void start_group(const At& target, int64_t j, int64_t r) const {
     if (fixed || col_group[j] * gsz != j) return;
-    const Grid<T> g = find_grid_fn<T>(target, std::min(gsz, d - j), maxq, sym, mse);
+    const int64_t n = std::min(gsz, d - j);
+    Grid<T> g;
+    if (mse) {  // the search reads the group's targets contiguously
+      thread_local std::vector<T> x;
+      x.resize(n);
+      for (int64_t i = 0; i < n; ++i) x[i] = target(i);
+      g = mse_grid(x.data(), n, maxq, sym);
+    } else {
+      g = find_grid_fn<T>(target, n, maxq, sym, false);
+    }
     scales[col_group[j] * d_out + r] = g.scale;
     zeros[col_group[j] * d_out + r] = g.zero;
   }
@@ -312,8 +322,10 @@ void static_grids(const Problem<T>& P, const at::Tensor& W) {
   at::parallel_for(0, P.d_out, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t g = 0; g < G; ++g) {
-        const Grid<T> grid =
-            find_grid(w + r * P.d + g * P.gsz, std::min(P.gsz, P.d - g * P.gsz), P.maxq, P.sym, P.mse);
+        const T* x = w + r * P.d + g * P.gsz;
+        const int64_t n = std::min(P.gsz, P.d - g * P.gsz);
+        const Grid<T> grid = P.mse ? mse_grid(x, n, P.maxq, P.sym)
+                                   : find_grid_fn<T>([x](int64_t i) { return x[i]; }, n, P.maxq, P.sym, false);
         P.scales[g * P.d_out + r] = grid.scale;
         P.zeros[g * P.d_out + r] = grid.zero;
       }

@@ -27,7 +27,7 @@ struct Grid {
 // numbers is 1, so the addition rounds |x| to an integer half to even and subtracting 2^p is exact;
 // larger |x| are integers already (NaN and Inf pass through). The sign is copied back.
 template <typename T>
-LRGPTQ_HD inline T round_even(T x) {
+LRGPTQ_HD_INLINE T round_even(T x) {
 #ifdef __CUDA_ARCH__
   return nearbyint(x);
 #else
@@ -39,17 +39,17 @@ LRGPTQ_HD inline T round_even(T x) {
 
 // The unclamped code round(x/scale) + zero.
 template <typename T>
-LRGPTQ_HD inline T raw_code(T x, const Grid<T>& g) {
+LRGPTQ_HD_INLINE T raw_code(T x, const Grid<T>& g) {
   return round_even(x / g.scale) + g.zero;
 }
 
 template <typename T>
-LRGPTQ_HD inline T clamp_code(T c, T maxq) {
+LRGPTQ_HD_INLINE T clamp_code(T c, T maxq) {
   return std::min(std::max(c, T(0)), maxq);
 }
 
 template <typename T>
-LRGPTQ_HD inline T quant_code(T x, const Grid<T>& g, T maxq) {
+LRGPTQ_HD_INLINE T quant_code(T x, const Grid<T>& g, T maxq) {
   return clamp_code(raw_code(x, g), maxq);
 }
 
@@ -61,24 +61,28 @@ LRGPTQ_HD inline bool is_clipped(T x, const Grid<T>& g, T maxq) {
 }
 
 template <typename T>
-LRGPTQ_HD inline T dequant(T q, const Grid<T>& g) {
+LRGPTQ_HD_INLINE T dequant(T q, const Grid<T>& g) {
   return g.scale * (q - g.zero);
 }
 
 // Min-max range that contains 0; symmetric ranges mirror the larger side.
 template <typename T>
-LRGPTQ_HD inline Grid<T> grid_from_range(T xmin, T xmax, T maxq, bool sym) {
+LRGPTQ_HD_INLINE Grid<T> grid_from_range(T xmin, T xmax, T maxq, bool sym) {
   Grid<T> g;
   g.scale = (xmax - xmin) / maxq;
   g.zero = sym ? round_even((maxq + 1) / 2) : round_even(-xmin / g.scale);
   return g;
 }
 
-// Grid for the n values x(0..n) (one row of one group; x: pointer or index -> value). With mse,
-// the range is shrunk by p = 1 − i/100, i < 80, keeping the p with the least Σ|Q(x) − x|^2.4
-// (GPTQ's search).
+// The min-max range of the n values x(0..n) (x: pointer or index -> value), widened to contain 0;
+// symmetric ranges mirror the larger side; an all-zero group gets [−1, 1].
+template <typename T>
+struct Range {
+  T lo, hi;
+};
+
 template <typename T, typename X>
-LRGPTQ_HD inline Grid<T> find_grid_fn(const X& x, int64_t n, T maxq, bool sym, bool mse) {
+LRGPTQ_HD_INLINE Range<T> group_range(const X& x, int64_t n, bool sym) {
   T xmin = 0, xmax = 0;
   for (int64_t i = 0; i < n; ++i) {
     xmin = std::min(xmin, x(i));
@@ -92,12 +96,29 @@ LRGPTQ_HD inline Grid<T> find_grid_fn(const X& x, int64_t n, T maxq, bool sym, b
     xmin = -1;
     xmax = 1;
   }
-  Grid<T> best = grid_from_range(xmin, xmax, maxq, sym);
+  return {xmin, xmax};
+}
+
+// The MSE search's candidates (GPTQ's): the range shrunk by p = 1 − i/100, i < kShrinkSteps.
+constexpr int kShrinkSteps = 80;
+
+template <typename T>
+LRGPTQ_HD_INLINE Grid<T> shrunk_grid(const Range<T>& r, int i, T maxq, bool sym) {
+  const T p = T(1) - T(i) / T(100);
+  return grid_from_range(p * r.lo, p * r.hi, maxq, sym);
+}
+
+// Grid for the n values x(0..n). With mse, the shrunk range with the least Σ|Q(x) − x|^2.4, the
+// first (widest) of equal losses winning (GPTQ's search), with libm's pow: the CUDA engine's search.
+// The CPU engine searches with csrc/mse_search.h (the same search, a vectorised |e|^2.4).
+template <typename T, typename X>
+LRGPTQ_HD inline Grid<T> find_grid_fn(const X& x, int64_t n, T maxq, bool sym, bool mse) {
+  const Range<T> r = group_range<T>(x, n, sym);
+  Grid<T> best = grid_from_range(r.lo, r.hi, maxq, sym);
   if (!mse) return best;
   T best_err = std::numeric_limits<T>::infinity();
-  for (int i = 0; i < 80; ++i) {
-    const T p = T(1) - T(i) / T(100);
-    const Grid<T> g = grid_from_range(p * xmin, p * xmax, maxq, sym);
+  for (int i = 0; i < kShrinkSteps; ++i) {
+    const Grid<T> g = shrunk_grid(r, i, maxq, sym);
     T err = 0;
     for (int64_t t = 0; t < n; ++t) err += std::pow(std::abs(dequant(quant_code(x(t), g, maxq), g) - x(t)), T(2.4));
     if (err < best_err) {
@@ -106,12 +127,6 @@ LRGPTQ_HD inline Grid<T> find_grid_fn(const X& x, int64_t n, T maxq, bool sym, b
     }
   }
   return best;
-}
-
-// The same for the contiguous values x[0..n).
-template <typename T>
-inline Grid<T> find_grid(const T* x, int64_t n, T maxq, bool sym, bool mse) {
-  return find_grid_fn<T>([x](int64_t i) { return x[i]; }, n, maxq, sym, mse);
 }
 
 // The smallest grid whose rounding never clamps a value of [xmin, xmax] (widened to contain 0):
