@@ -13,6 +13,7 @@ rate is printed for reference.
     python bench/engine.py --quick    # smoke run, small shapes
     python bench/engine.py --breakdown  # the engine's pieces at 11008x4096
     python bench/engine.py --floor 5    # engine / GEMM floor at 4096^2 and 11008x4096, best of 5
+    python bench/engine.py --mse        # the MSE range search: engine vs the baseline's (torch pow)
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def lazy_sequence_once(d_out: int, d: int, U: torch.Tensor) -> None:
         T[:, i1 + B:].addmm_(E, U[i1:i1 + B, i1 + B:], beta=1, alpha=-1)
 
 
-def engine(W, perm, U):
-    return ops.gptq_quantize(W, perm, U, from_original=False, bits=BITS, group_size=GS, sym=SYM, mse=False,
+def engine(W, perm, U, mse=False, bits=BITS):
+    return ops.gptq_quantize(W, perm, U, from_original=False, bits=bits, group_size=GS, sym=SYM, mse=mse,
                              static_groups=False, block_size=B)
 
 
@@ -135,6 +136,37 @@ def breakdown(d_out: int, d: int, runs: int, quick: bool = False) -> None:
     print(common.CLEAN_NOTE + f" Worst kept: {clean.note()}.")
 
 
+def mse_table(shapes, runs: int, quick: bool) -> None:
+    """The MSE range search (mse=True, 3 bits): the engine with and without it, and the baseline with
+    the original's search (torch pow), on the same W and U in one run; codes equal to the baseline's."""
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for d_out, d in shapes:
+        U = random_U(d, gen).float().contiguous()
+        W = torch.randn(d_out, d, generator=gen) * 0.02
+        perm = torch.arange(d)
+        clean = common.Clean(not quick)
+        before = common.load()
+        t_off = common.median(clean.times(lambda: engine(W, perm, U, bits=3), runs=runs))
+        t_on = common.median(clean.times(lambda: engine(W, perm, U, mse=True, bits=3), runs=runs))
+        out = []
+        b_runs = 1 if d_out * d > 2048 * 2048 else runs
+
+        def base():
+            out[:] = [gptq_baseline.fasterquant(W, U, bits=3, groupsize=GS, sym=SYM, blocksize=B, mse=True)]
+
+        t_base = common.median(clean.times(base, runs=b_runs, warmup=0 if b_runs == 1 else 1))
+        Q, S, Z, _ = out[0]
+        equal = (gptq_baseline.codes_of(Q, S, Z, GS) == engine(W, perm, U, mse=True, bits=3)[0]).double().mean()
+        rows.append([f"{d_out}x{d}", common.fmt_s(t_off), common.fmt_s(t_on), f"{t_on / t_off:.2f}x",
+                     common.fmt_s(t_base), f"{t_base / t_on:.2f}x", f"{equal.item() * 100:.3f}%",
+                     f"{before} / {common.load()}"])
+    common.table(["d_out x d", "engine", "engine, mse", "mse / no mse", "baseline, mse (torch pow)",
+                  "baseline / engine (mse)", "codes equal", "load avg before / after"], rows)
+    print()
+    print(common.CLEAN_NOTE)
+
+
 def floor_table(shapes, reps: int) -> None:
     """The engine against its GEMM floor, on a busy machine: each repetition times, back to back, the
     engine (identity and a random column order), the lazy-shape sgemm (for the floor) and the engine's
@@ -177,11 +209,19 @@ def main() -> None:
                     help="only: time the engine's pieces at 11008x4096 (whole, permuted, GEMMs alone, k = 0, a copy of W)")
     ap.add_argument("--floor", type=int, metavar="REPS", default=0,
                     help="only: the engine against its GEMM floor at 4096x4096 and 11008x4096, best of REPS")
+    ap.add_argument("--mse", action="store_true",
+                    help="only: the MSE range search, engine vs the baseline's (SmolLM2's shapes and 4096^2)")
     args = ap.parse_args()
     common.setup(args.threads)
     if args.floor:
         common.header("GPTQ engine against its GEMM floor (CPU, float32, 4-bit g128 asym, B=128)")
         floor_table([(512, 512)] if args.quick else [(4096, 4096), (11008, 4096)], args.floor)
+        common.footer()
+        return
+    if args.mse:
+        common.header("GPTQ engine with the MSE range search vs the baseline's (CPU, float32, 3-bit g128 asym)")
+        mse_table([(256, 256)] if args.quick else [(576, 576), (1536, 576), (576, 1536), (4096, 4096)],
+                  1 if args.quick else 3, args.quick)
         common.footer()
         return
     if args.breakdown:

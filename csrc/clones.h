@@ -14,3 +14,10 @@
 #else
 #define LRGPTQ_INLINE inline
 #endif
+// For a clone whose body calls small helpers from shared headers (the quantizer's): every call in
+// it is inlined, so the whole body is compiled (and vectorised) for the clone's instruction set.
+#if defined(__GNUC__)
+#define LRGPTQ_FLATTEN __attribute__((flatten))
+#else
+#define LRGPTQ_FLATTEN
+#endif

@@ -72,17 +72,18 @@ struct Problem {
   void start_group(const At& target, int64_t j, int64_t r) const {
     if (fixed || col_group[j] * gsz != j) return;
     const int64_t n = std::min(gsz, d - j);
-    Grid<T> g;
-    if (mse) {  // the search reads the group's targets contiguously
-      thread_local std::vector<T> x;
-      x.resize(n);
-      for (int64_t i = 0; i < n; ++i) x[i] = target(i);
-      g = mse_grid(x.data(), n, maxq, sym);
-    } else {
-      g = find_grid_fn<T>(target, n, maxq, sym, false);
-    }
+    const Grid<T> g = mse ? searched_grid(target, n) : find_grid_fn<T>(target, n, maxq, sym, false);
     scales[col_group[j] * d_out + r] = g.scale;
     zeros[col_group[j] * d_out + r] = g.zero;
+  }
+  // The MSE search's grid, on the group's targets gathered contiguously; kept out of line, off the
+  // engine's hot loop.
+  template <typename At>
+  __attribute__((noinline)) Grid<T> searched_grid(const At& target, int64_t n) const {
+    thread_local std::vector<T> x;
+    x.resize(n);
+    for (int64_t i = 0; i < n; ++i) x[i] = target(i);
+    return mse_grid(x.data(), n, maxq, sym);
   }
   // Bookkeeping of target t_j of row r with its unclamped code c: clipping count and the range seen.
   void note_target(T x, T c, int64_t j, int64_t r) const {

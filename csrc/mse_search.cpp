@@ -149,13 +149,13 @@ LRGPTQ_INLINE void pow_2_4_body(const T* __restrict e, int64_t n, T* __restrict 
 
 }  // namespace
 
-LRGPTQ_CLONES Grid<float> mse_grid(const float* x, int64_t n, float maxq, bool sym) {
+LRGPTQ_CLONES LRGPTQ_FLATTEN Grid<float> mse_grid(const float* x, int64_t n, float maxq, bool sym) {
   return mse_grid_body(x, n, maxq, sym);
 }
-LRGPTQ_CLONES Grid<double> mse_grid(const double* x, int64_t n, double maxq, bool sym) {
+LRGPTQ_CLONES LRGPTQ_FLATTEN Grid<double> mse_grid(const double* x, int64_t n, double maxq, bool sym) {
   return mse_grid_body(x, n, maxq, sym);
 }
-LRGPTQ_CLONES void pow_2_4(const float* e, int64_t n, float* out) { pow_2_4_body(e, n, out); }
-LRGPTQ_CLONES void pow_2_4(const double* e, int64_t n, double* out) { pow_2_4_body(e, n, out); }
+LRGPTQ_CLONES LRGPTQ_FLATTEN void pow_2_4(const float* e, int64_t n, float* out) { pow_2_4_body(e, n, out); }
+LRGPTQ_CLONES LRGPTQ_FLATTEN void pow_2_4(const double* e, int64_t n, double* out) { pow_2_4_body(e, n, out); }
 
 }  // namespace lrgptq

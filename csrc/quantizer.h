@@ -27,7 +27,7 @@ struct Grid {
 // numbers is 1, so the addition rounds |x| to an integer half to even and subtracting 2^p is exact;
 // larger |x| are integers already (NaN and Inf pass through). The sign is copied back.
 template <typename T>
-LRGPTQ_HD_INLINE T round_even(T x) {
+LRGPTQ_HD inline T round_even(T x) {
 #ifdef __CUDA_ARCH__
   return nearbyint(x);
 #else
@@ -39,17 +39,17 @@ LRGPTQ_HD_INLINE T round_even(T x) {
 
 // The unclamped code round(x/scale) + zero.
 template <typename T>
-LRGPTQ_HD_INLINE T raw_code(T x, const Grid<T>& g) {
+LRGPTQ_HD inline T raw_code(T x, const Grid<T>& g) {
   return round_even(x / g.scale) + g.zero;
 }
 
 template <typename T>
-LRGPTQ_HD_INLINE T clamp_code(T c, T maxq) {
+LRGPTQ_HD inline T clamp_code(T c, T maxq) {
   return std::min(std::max(c, T(0)), maxq);
 }
 
 template <typename T>
-LRGPTQ_HD_INLINE T quant_code(T x, const Grid<T>& g, T maxq) {
+LRGPTQ_HD inline T quant_code(T x, const Grid<T>& g, T maxq) {
   return clamp_code(raw_code(x, g), maxq);
 }
 
@@ -61,13 +61,13 @@ LRGPTQ_HD inline bool is_clipped(T x, const Grid<T>& g, T maxq) {
 }
 
 template <typename T>
-LRGPTQ_HD_INLINE T dequant(T q, const Grid<T>& g) {
+LRGPTQ_HD inline T dequant(T q, const Grid<T>& g) {
   return g.scale * (q - g.zero);
 }
 
 // Min-max range that contains 0; symmetric ranges mirror the larger side.
 template <typename T>
-LRGPTQ_HD_INLINE Grid<T> grid_from_range(T xmin, T xmax, T maxq, bool sym) {
+LRGPTQ_HD inline Grid<T> grid_from_range(T xmin, T xmax, T maxq, bool sym) {
   Grid<T> g;
   g.scale = (xmax - xmin) / maxq;
   g.zero = sym ? round_even((maxq + 1) / 2) : round_even(-xmin / g.scale);
@@ -82,7 +82,7 @@ struct Range {
 };
 
 template <typename T, typename X>
-LRGPTQ_HD_INLINE Range<T> group_range(const X& x, int64_t n, bool sym) {
+LRGPTQ_HD inline Range<T> group_range(const X& x, int64_t n, bool sym) {
   T xmin = 0, xmax = 0;
   for (int64_t i = 0; i < n; ++i) {
     xmin = std::min(xmin, x(i));
@@ -103,7 +103,7 @@ LRGPTQ_HD_INLINE Range<T> group_range(const X& x, int64_t n, bool sym) {
 constexpr int kShrinkSteps = 80;
 
 template <typename T>
-LRGPTQ_HD_INLINE Grid<T> shrunk_grid(const Range<T>& r, int i, T maxq, bool sym) {
+LRGPTQ_HD inline Grid<T> shrunk_grid(const Range<T>& r, int i, T maxq, bool sym) {
   const T p = T(1) - T(i) / T(100);
   return grid_from_range(p * r.lo, p * r.hi, maxq, sym);
 }
