@@ -16,6 +16,7 @@ from typing import Dict
 
 import torch
 
+import common
 import lrgptq
 from lrgptq.accumulate import Accumulator
 from lrgptq.calib import text_windows
@@ -68,7 +69,7 @@ def main() -> None:
         base: Dict[str, float] = {}
         for m in args.methods:
             spec = dict(METHODS[m])
-            cfg = lrgptq.QuantConfig.for_method(spec.pop("method"), bits=bits, group_size=group, **spec)
+            cfg = common.route_config(spec.pop("method"), bits=bits, group_size=group, **spec)
             ratios, clip, smed, smax, passes, secs, weights = [], 0.0, [], [], 0, 0.0, 0
             for n, mod in linears.items():
                 W = weight_matrix(mod).detach()

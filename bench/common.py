@@ -12,6 +12,18 @@ from typing import Callable, List, Sequence
 import torch
 
 
+# The lrgptq preset's damp='auto' and MSE range search (since 2026-12-02 night) set aside: what the
+# speed and per-layer benchmarks measure as the lrgptq route, and what their earlier tables measured.
+ROUTE_ONLY = {"lrgptq": {"damp": 0.01, "mse": False}}
+
+
+def route_config(method: str, **overrides):
+    """QuantConfig.for_method(method) with the route alone (ROUTE_ONLY); ``overrides`` win."""
+    import lrgptq
+
+    return lrgptq.QuantConfig.for_method(method, **{**ROUTE_ONLY.get(method, {}), **overrides})
+
+
 def setup(threads: int = 2) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)

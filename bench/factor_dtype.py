@@ -67,7 +67,7 @@ def layer_loss(W: torch.Tensor, Q: torch.Tensor, X: torch.Tensor) -> float:
 
 def compare(W: torch.Tensor, X: torch.Tensor, method: str, bits: int) -> Tuple[float, float]:
     """(loss ratio float32 / float64 factor, relative difference of the two U)."""
-    cfg = lrgptq.QuantConfig.for_method(method, bits=bits, group_size=128)
+    cfg = common.route_config(method, bits=bits, group_size=128)
     acc = make_accumulator(cfg, X.shape[1])
     for i in range(0, X.shape[0], 2048):
         acc.add(X[i:i + 2048])

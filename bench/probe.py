@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from quality import METHODS, MODEL_NAMES  # noqa: E402  (one table of methods for both benchmarks)
+from quality import METHODS, MODEL_NAMES, config_kwargs  # noqa: E402  (one table of methods for both benchmarks)
 
 import lrgptq  # noqa: E402
 from lrgptq.accumulate import Accumulator  # noqa: E402
@@ -41,7 +41,7 @@ BASE = "gptq"
 
 
 def config_of(method: str, bits: int, group_size: int, sym: bool) -> lrgptq.QuantConfig:
-    spec = {k: v for k, v in METHODS[method].items() if k != "bits"}
+    spec = {k: v for k, v in config_kwargs(method).items() if k != "bits"}
     return lrgptq.QuantConfig.for_method(spec.pop("method"), bits=METHODS[method].get("bits", bits),
                                          group_size=group_size, sym=sym, **spec)
 

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+import common
+
 BASELINE = "gptq-act"
 METHODS = {
     "rtn": {"method": "rtn"},
@@ -30,11 +32,11 @@ METHODS = {
     "gptq-act-static": {"method": "gptq", "order": "act", "static_groups": True},
     "gptq": {"method": "gptq"},  # cholesky of H + λI, identity order (desc_act=False), as published
     "gptq-act-mse": {"method": "gptq", "order": "act", "mse": True},  # the MSE grid search of the range
-    "lrgptq": {"method": "lrgptq"},  # the preset: svdqr on H, spectral damping 0.01 (no truncation), pivoted order
+    "lrgptq": {"method": "lrgptq"},  # svdqr on H, spectral damping 0.01 (no truncation), pivoted order
     "lrgptq-auto": {"method": "lrgptq", "damp": "auto"},  # λ chosen per layer on held-out tokens
     "gptq-act-auto": {"method": "gptq", "order": "act", "damp": "auto"},  # the same search on the cholesky route
-    "lrgptq-mse": {"method": "lrgptq", "mse": True},  # the preset with the MSE grid search
-    "lrgptq-auto-mse": {"method": "lrgptq", "damp": "auto", "mse": True},
+    "lrgptq-mse": {"method": "lrgptq", "mse": True},  # damp 0.01 with the MSE grid search
+    "lrgptq-auto-mse": {"method": "lrgptq", "damp": "auto", "mse": True},  # the lrgptq preset
     "lrgptq-undamped": {"method": "lrgptq", "damp": 0.0},
     "lrgptq-sketch": {"method": "lrgptq", "accumulator": "sketch", "sketch_size": 2048},
     # GPTVQ, 2-D int8 codebooks of 2^(2b) centroids per 192 columns x R rows (lrgptq.storage.vq_layer_bits):
@@ -52,6 +54,15 @@ METHODS = {
     "ldlq4": {"method": "gptq", "ldlq_dim": 4},
     "ldlq8": {"method": "gptq", "ldlq_dim": 8},
 }
+def config_kwargs(method: str) -> dict:
+    """The QuantConfig.for_method arguments of a row (its preset's name under "method"). Rows name
+    what they measure: a row on the lrgptq route gets damp 0.01 without the MSE search unless it
+    says otherwise (common.ROUTE_ONLY, the preset before 2026-12-02 night, so rows recorded then
+    keep their meaning). The `lrgptq` preset itself is the row lrgptq-auto-mse."""
+    cfg = METHODS[method]
+    return {**common.ROUTE_ONLY.get(cfg["method"], {}), **cfg}
+
+
 MODEL_NAMES = {"smollm2": "SmolLM2-135M (Q4_1 g32 source)", "gemma3": "Gemma3-270M (Q4_K_M source)"}
 
 RUN = r"""
@@ -113,7 +124,8 @@ def run_one(args: argparse.Namespace, method: str, bits: int, sym: bool, nsample
                 rec = json.loads(line)
                 if rec["spec"] == spec:
                     return rec["result"]
-    proc = subprocess.run([sys.executable, "-c", RUN, json.dumps(spec)], capture_output=True, text=True)
+    run = {**spec, "cfg": config_kwargs(method) if method in METHODS else {}}  # the spec stays the cache key
+    proc = subprocess.run([sys.executable, "-c", RUN, json.dumps(run)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{method} {bits}-bit failed:\n{proc.stderr[-3000:]}")
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
@@ -131,7 +143,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2", choices=sorted(MODEL_NAMES))
     p.add_argument("--bits", type=int, nargs="+", default=[3, 2, 4])
     p.add_argument("--methods", nargs="+", choices=sorted(METHODS),
-                   default=["rtn", "gptq-act", "gptq-act-static", "gptq", "gptq-act-mse", "lrgptq"])
+                   default=["rtn", "gptq-act", "gptq-act-static", "gptq", "gptq-act-mse", "lrgptq", "lrgptq-auto-mse"])
     p.add_argument("--sym", action="store_true", help="symmetric grids (default asymmetric)")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--nsamples", type=int, default=32)

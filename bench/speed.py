@@ -10,8 +10,9 @@ asymmetric, block 128. Every route gets the same W and X in the same run.
   ``fasterquant``: dead columns, H + 0.01·mean(diag H)·I, cholesky → cholesky_inverse →
   cholesky(upper)), then bench/gptq_baseline.fasterquant (its inner loop).
 - gptq: QuantConfig.for_method("gptq") (gram accumulator, route cholesky, identity order).
-- lrgptq: QuantConfig.for_method("lrgptq") (gram accumulator, route svdqr, pivot order, rel τ = 1e-4;
-  until 2026-12-02 the preset's accumulator was the exact QR).
+- lrgptq: the lrgptq route, QuantConfig.for_method("lrgptq", damp=0.01, mse=False) (gram accumulator,
+  route svdqr, pivot order, rel τ = 1e-4; until 2026-12-02 the preset's accumulator was the exact QR;
+  the preset's damp="auto" and MSE search are costed by bench/validate.py and bench/engine.py --mse).
 Ours go through lrgptq.factorize and lrgptq.quantize_linear (the library's path for one layer). The
 factor rows also time each route with the other factor dtype.
 
@@ -159,7 +160,7 @@ def main() -> None:
     shapes = MODEL_SHAPES + ([] if args.quick else LARGE_SHAPES)
     gen = torch.Generator().manual_seed(0)
     common.header("Speed: reference GPTQ loop vs our gptq and lrgptq routes, per stage and end to end")
-    cfgs = {name: lrgptq.QuantConfig.for_method(name, bits=4, group_size=128) for name in ("gptq", "lrgptq")}
+    cfgs = {name: common.route_config(name, bits=4, group_size=128) for name in ("gptq", "lrgptq")}
     measure(64, 256, prepare(256, make_inputs(256, gen), cfgs, 1), cfgs, gen, 1)  # warm-up of every path, untimed
 
     results, prep_d = {}, {}

@@ -1,6 +1,7 @@
 """Cost of damp='auto' (python/lrgptq/validate.py, docs/design.md §13) against one quantization with
-the same route (the baseline: QuantConfig.for_method(method), damp=0.01), side by side in one run on
-the packaged SmolLM2-135M and Emma calibration windows.
+the same route (the baseline: QuantConfig.for_method(method) with damp=0.01), side by side in one run
+on the packaged SmolLM2-135M and Emma calibration windows; both sides with or without the MSE range
+search (--mse: the `lrgptq` preset against its route at damp 0.01).
 
 Per layer (the linears of --blocks, inputs captured from the float model): the seconds of
 factor + engine from the accumulated inputs, baseline vs auto (folds, candidate search on a row
@@ -106,13 +107,14 @@ def main() -> None:
     p.add_argument("--e2e", action="store_true", help="also quantize_model end to end")
     p.add_argument("--e2e-blocks", type=int, default=0, help="end to end on the first N blocks (0: all)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--mse", action="store_true", help="both sides with the MSE range search")
     args = p.parse_args()
     common.setup(args.threads)
     model, tok = load_demo_model()
     ids = text_windows(austen_books()["emma"], tok, args.nsamples, args.seqlen, seed=0)
-    base = lrgptq.QuantConfig.for_method(args.method, bits=args.bits)
-    auto = lrgptq.QuantConfig.for_method(args.method, bits=args.bits, damp="auto")
-    print(f"# {args.method} {args.bits}-bit g128, calibration {args.nsamples}x{args.seqlen} tokens of Emma, "
+    base = lrgptq.QuantConfig.for_method(args.method, bits=args.bits, damp=0.01, mse=args.mse)
+    auto = lrgptq.QuantConfig.for_method(args.method, bits=args.bits, damp="auto", mse=args.mse)
+    print(f"# {args.method} {args.bits}-bit g128{' mse' if args.mse else ''}, calibration {args.nsamples}x{args.seqlen} tokens of Emma, "
           f"{args.threads} threads; load {common.load()}")
     print("| layer | d_out x d | accumulate auto/base | factor+engine base s | auto s | ratio | chosen | "
           "held-out loss chosen/default | load |")

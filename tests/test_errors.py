@@ -45,10 +45,26 @@ def test_quant_config_names_field_value_and_allowed(field, value, allowed):
 def test_quant_config_defaults_are_valid():
     c = lrgptq.QuantConfig()
     assert (c.bits, c.group_size, c.route, c.order, c.accumulator, c.block_size) == (4, 128, "svdqr", "pivot", "gram", 128)
-    assert c == lrgptq.QuantConfig.for_method("lrgptq")  # quantize_model's default is the lrgptq preset
+    assert lrgptq.QuantConfig.for_method("lrgptq") == lrgptq.QuantConfig(damp="auto", mse=True)
     assert c.compute_dtype == torch.float32
     for route in ("cholesky", "svdqr", "ql", "rtn"):
         lrgptq.QuantConfig(route=route, bits=8, group_size=-1, sym=True, mse=True, static_groups=True)
+
+
+@pytest.mark.parametrize("overrides,damp,mse", [
+    ({}, "auto", True),
+    ({"damp": 0.1}, 0.1, True),                                      # overrides win
+    ({"mse": False}, "auto", False),
+    ({"route": "ql", "accumulator": "qr"}, 0.01, True),              # auto cannot serve them: default damping
+    ({"accumulator": "sketch", "sketch_size": 64}, 0.01, True),
+    ({"vq_dim": 2, "bits": 2}, 0.01, False),                         # GPTVQ fits codebooks, not ranges
+    ({"grid": "noclip"}, "auto", False),                             # noclip sets its own range
+])
+def test_the_lrgptq_preset_yields_to_overrides_it_cannot_serve(overrides, damp, mse):
+    c = lrgptq.QuantConfig.for_method("lrgptq", **overrides)
+    assert (c.damp, c.mse) == (damp, mse)
+    with pytest.raises(ValueError, match="damp"):  # given explicitly, the conflict is an error
+        lrgptq.QuantConfig.for_method("lrgptq", damp="auto", route="ql", accumulator="qr")
 
 
 @pytest.mark.parametrize("kind", ["gram", "qr", "sketch"])

@@ -52,7 +52,8 @@ def assert_same_files(a: Path, b: Path) -> None:
             assert fa[k] == fb[k], k
 
 
-@pytest.mark.parametrize("arch,cfg", [("llama", {}), ("gpt2", GPTQ), ("llama", VQ)])  # gpt2: Conv1D, tied lm_head
+@pytest.mark.parametrize("arch,cfg", [("llama", {}), ("gpt2", GPTQ), ("llama", VQ),  # gpt2: Conv1D, tied lm_head
+                                      ("llama", {"damp": "auto", "mse": True})])  # the lrgptq preset's search
 def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, gen, arch, cfg):
     model, src = saved(arch, tmp_path, gen)
     ids = torch.randint(0, VOCAB, (4, 32), generator=gen)

@@ -37,8 +37,9 @@ def _add_quant_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization")
     g.add_argument("--method", choices=sorted(METHODS), default="lrgptq",
                    help="preset: gptq = Cholesky of the damped H (as published); lrgptq = the svdqr route "
-                        "(spectral damping, truncation where it can bite, pivoted order; never fails); rtn = "
-                        "round to nearest (default: %(default)s)")
+                        "(pivoted order; never fails) with the damping chosen per layer on held-out tokens "
+                        "(damp=auto) and GPTQ's MSE range search (mse); rtn = round to nearest "
+                        "(default: %(default)s)")
     preset = set().union(*METHODS.values())
     for f in fields(QuantConfig):
         meta = f.metadata

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
 import torch
@@ -17,16 +17,17 @@ DAMP_REFS = ("mean", "median")
 GRIDS = ("minmax", "noclip")
 COMPUTE_DTYPES = (torch.float32, torch.float64)
 VQ_DIMS = (0,) + limits.VQ_DIMS  # 0: the scalar grid
-METHODS = {
-    "gptq": {"route": "cholesky", "accumulator": "gram", "order": "identity"},
-    "lrgptq": {"route": "svdqr", "accumulator": "gram", "order": "pivot"},
-    "rtn": {"route": "rtn", "accumulator": "gram", "order": "identity"},
-}
-
-
 AUTO = "auto"  # damp chosen per layer on held-out tokens (python/lrgptq/validate.py)
 AUTO_ROUTES = ("cholesky", "svdqr")
 AUTO_ACCUMULATORS = ("gram", "qr")
+
+METHODS = {
+    "gptq": {"route": "cholesky", "accumulator": "gram", "order": "identity"},
+    # the project's recipe: damping chosen per layer on held-out tokens and GPTQ's MSE range search,
+    # on svdqr with the pivoted order (docs/benchmarks.md §1.5)
+    "lrgptq": {"route": "svdqr", "accumulator": "gram", "order": "pivot", "damp": AUTO, "mse": True},
+    "rtn": {"route": "rtn", "accumulator": "gram", "order": "identity"},
+}
 
 
 def damp_value(text: str) -> Union[float, str]:
@@ -206,11 +207,25 @@ class QuantConfig:
     @classmethod
     def for_method(cls, method: str, **overrides: Any) -> "QuantConfig":
         """Presets: ``gptq`` (cholesky route on H, as published), ``lrgptq`` (svdqr on H, pivoted
-        order: at its damping svdqr provably truncates nothing, so the exact QR would buy nothing)
-        and ``rtn`` (round to nearest); ``overrides`` win."""
+        order, damping chosen per layer on held-out tokens, MSE range search) and ``rtn`` (round to
+        nearest); ``overrides`` win. A preset's ``damp='auto'`` yields to overrides it cannot serve
+        (a route other than cholesky/svdqr, a sketch, GPTVQ): those get the default damping; its
+        ``mse`` yields to ``grid='noclip'`` and to GPTVQ (which fits codebooks, not ranges)."""
         if method not in METHODS:
             raise _bad("method", method, "one of " + ", ".join(repr(m) for m in METHODS))
-        return cls(**{**METHODS[method], **overrides})
+        preset = dict(METHODS[method])
+        merged = {**preset, **overrides}
+        defaults = {f.name: f.default for f in fields(cls)}
+        vq = merged.get("vq_dim", defaults["vq_dim"])
+        if preset.get("damp") == AUTO and "damp" not in overrides and (
+            merged.get("route", defaults["route"]) not in AUTO_ROUTES
+            or merged.get("accumulator", defaults["accumulator"]) not in AUTO_ACCUMULATORS
+            or vq
+        ):
+            preset["damp"] = defaults["damp"]
+        if preset.get("mse") and "mse" not in overrides and (merged.get("grid") == "noclip" or vq):
+            preset["mse"] = False
+        return cls(**{**preset, **overrides})
 
     def to_dict(self) -> dict:
         out = asdict(self)

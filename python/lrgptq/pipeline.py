@@ -261,7 +261,8 @@ def quantize_model(
     from the tokens routed to it (docs/moe.md); returns a report.
 
     ``calib``: a list of strings (with ``tokenizer``), a LongTensor of token ids (N, L), or an
-    iterable of such tensors or of dicts with ``input_ids``. ``blocks``: dotted path of the
+    iterable of such tensors or of dicts with ``input_ids``. ``config``: the ``lrgptq`` preset
+    (``QuantConfig.for_method("lrgptq")``) when not given. ``blocks``: dotted path of the
     block list when discovery picks the wrong one. ``skip``: substrings of layer names to leave
     in full precision. ``comm``: a :class:`lrgptq.distributed.Distributed` to share the work
     between the processes of a torch.distributed group (every rank calls this with the same
@@ -276,7 +277,7 @@ def quantize_model(
     Warnings (once per run): options without effect, no layer quantized, layers with fewer
     calibration tokens than inputs.
     """
-    cfg = config if config is not None else QuantConfig()
+    cfg = config if config is not None else QuantConfig.for_method("lrgptq")
     comm = comm if comm is not None else Comm()
     warn_unused_options(cfg)
     start = time.perf_counter()

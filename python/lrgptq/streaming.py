@@ -459,7 +459,7 @@ def quantize_streamed(
     report has a row per layer (also those of blocks a previous run finished) and no ``results``
     (the codes are on disk, not in memory).
     """
-    cfg = config if config is not None else QuantConfig()
+    cfg = config if config is not None else QuantConfig.for_method("lrgptq")
     comm = comm if comm is not None else Comm()
     warn_unused_options(cfg)
     start = time.perf_counter()

@@ -178,9 +178,10 @@ class Search:
             self._final[key] = self._final_factor(best)
         f = self._final[key]
         report = {**f.report, "damp_auto": key, "heldout_tokens": held, "train_tokens": train}
-        if scores is None:
-            report["note"] = (f"damp='auto': {train} training and {held} held-out tokens, too few to validate; "
-                              f"used damp={DEFAULT_DAMP}")
+        if scores is None:  # said beside the factor's own note (e.g. N < d), not instead of it
+            said = (f"damp='auto': {train} training and {held} held-out tokens, too few to validate; "
+                    f"used damp={DEFAULT_DAMP}")
+            report["note"] = "; ".join(n for n in (f.report.get("note"), said) if n)
         else:
             report.update(heldout_loss=scores, heldout_loss_default=scores[label(DEFAULT_DAMP)])
         return dataclasses.replace(f, report=report)
