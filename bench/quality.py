@@ -54,6 +54,8 @@ METHODS = {
     "ldlq4": {"method": "gptq", "ldlq_dim": 4},
     "ldlq8": {"method": "gptq", "ldlq_dim": 8},
 }
+
+
 def config_kwargs(method: str) -> dict:
     """The QuantConfig.for_method arguments of a row (its preset's name under "method"). Rows name
     what they measure: a row on the lrgptq route gets damp 0.01 without the MSE search unless it

@@ -112,8 +112,8 @@ def main() -> None:
     common.setup(args.threads)
     model, tok = load_demo_model()
     ids = text_windows(austen_books()["emma"], tok, args.nsamples, args.seqlen, seed=0)
-    base = lrgptq.QuantConfig.for_method(args.method, bits=args.bits, damp=0.01, mse=args.mse)
-    auto = lrgptq.QuantConfig.for_method(args.method, bits=args.bits, damp="auto", mse=args.mse)
+    base = common.route_config(args.method, bits=args.bits, mse=args.mse)
+    auto = common.route_config(args.method, bits=args.bits, damp="auto", mse=args.mse)
     print(f"# {args.method} {args.bits}-bit g128{' mse' if args.mse else ''}, calibration {args.nsamples}x{args.seqlen} tokens of Emma, "
           f"{args.threads} threads; load {common.load()}")
     print("| layer | d_out x d | accumulate auto/base | factor+engine base s | auto s | ratio | chosen | "

@@ -4,9 +4,9 @@
 //   ln m = 2·atanh(s) = 2·Σ_i s^(2i+1)/(2i+1) with s = (m − 1)/(m + 1), |s| ≤ 3 − 2√2,
 //   exp(r) by its Taylor series, |r| = |0.4·ln m| ≤ 0.2·ln 2.
 // Both series are cut where their remainder is below the type's rounding (float: s^9 and r^5,
-// double: s^21 and r^11), and summed by Estrin's scheme. The exponent and 2^(2a) go through the bits, with the exact integer ↔
-// floating conversions done by adding 2^p (p fraction bits) so that no instruction outside AVX2
-// is needed, and every branch a select (built with -fno-trapping-math, CMakeLists.txt): the
+// double: s^21 and r^11), and summed by Estrin's scheme. The exponent and 2^(2a) go through the
+// bits, with the exact integer ↔ floating conversions done by adding 2^p (p fraction bits) so
+// that no instruction outside AVX2 is needed, and every branch a select (built with -fno-trapping-math, CMakeLists.txt): the
 // loops vectorise in every clone. No FMA contraction (-ffp-contract=off): every clone rounds alike.
 #include "mse_search.h"
 

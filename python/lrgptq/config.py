@@ -30,6 +30,21 @@ METHODS = {
 }
 
 
+def auto_ruled_out(route: str, accumulator: str, vq_dim: int) -> Optional[str]:
+    """What damp='auto' needs instead of these settings (the fix, for the error), or None where it
+    serves them. It quantizes candidates on training tokens and scores them on held-out ones
+    (validate.py): a damped factor route, an accumulator that keeps tokens apart, the scalar engine."""
+    if route not in AUTO_ROUTES:
+        return f"a number with route={route!r} ('auto' chooses the damping of the routes 'cholesky' and 'svdqr')"
+    if accumulator not in AUTO_ACCUMULATORS:
+        return (f"a number with accumulator={accumulator!r} ('auto' holds tokens out, which needs accumulator "
+                "'qr' or 'gram')")
+    if vq_dim:
+        return ("a number with vq_dim > 0 ('auto' scores candidates with the scalar engine; GPTVQ's codebooks "
+                "are fitted per group of rows, so a row sample cannot score them)")
+    return None
+
+
 def damp_value(text: str) -> Union[float, str]:
     """``--damp`` on the command line: 'auto' or a number."""
     if text == AUTO:
@@ -169,18 +184,9 @@ class QuantConfig:
             raise _bad("mse", True, "False with grid='noclip' (noclip sets the range from the targets)")
 
     def _check_auto(self) -> None:
-        """damp='auto' quantizes candidates on training tokens and scores them on held-out ones
-        (validate.py): it needs a damped factor route, an accumulator that keeps tokens apart, and
-        the scalar engine."""
-        if self.route not in AUTO_ROUTES:
-            raise _bad("damp", AUTO, f"a number with route={self.route!r} ('auto' chooses the damping of the "
-                       "routes 'cholesky' and 'svdqr')")
-        if self.accumulator not in AUTO_ACCUMULATORS:
-            raise _bad("damp", AUTO, f"a number with accumulator={self.accumulator!r} ('auto' holds tokens out, "
-                       "which needs accumulator 'qr' or 'gram')")
-        if self.vq_dim:
-            raise _bad("damp", AUTO, "a number with vq_dim > 0 ('auto' scores candidates with the scalar engine; "
-                       "GPTVQ's codebooks are fitted per group of rows, so a row sample cannot score them)")
+        why = auto_ruled_out(self.route, self.accumulator, self.vq_dim)
+        if why is not None:
+            raise _bad("damp", AUTO, why)
 
     def _check_vq(self) -> None:
         if self.vq_dim not in VQ_DIMS or isinstance(self.vq_dim, bool):
@@ -216,14 +222,13 @@ class QuantConfig:
         preset = dict(METHODS[method])
         merged = {**preset, **overrides}
         defaults = {f.name: f.default for f in fields(cls)}
-        vq = merged.get("vq_dim", defaults["vq_dim"])
+        setting = {name: merged.get(name, defaults[name]) for name in ("route", "accumulator", "vq_dim", "grid")}
+        vq = setting["vq_dim"]
         if preset.get("damp") == AUTO and "damp" not in overrides and (
-            merged.get("route", defaults["route"]) not in AUTO_ROUTES
-            or merged.get("accumulator", defaults["accumulator"]) not in AUTO_ACCUMULATORS
-            or vq
+            auto_ruled_out(setting["route"], setting["accumulator"], vq) is not None
         ):
             preset["damp"] = defaults["damp"]
-        if preset.get("mse") and "mse" not in overrides and (merged.get("grid") == "noclip" or vq):
+        if preset.get("mse") and "mse" not in overrides and (setting["grid"] == "noclip" or vq):
             preset["mse"] = False
         return cls(**{**preset, **overrides})
 
